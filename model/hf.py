@@ -1,0 +1,312 @@
+"""Conversion between herd's Transformer and Hugging Face Llama 4 (config.json + safetensors).
+
+`from_hf` reads a `Llama4ForCausalLM` folder or the text part of a
+`Llama4ForConditionalGeneration` folder (the released Scout/Maverick checkpoints); `to_hf`
+writes a folder that `Llama4ForCausalLM.from_pretrained` loads. Weights keep their dtype and
+are loaded onto the meta device first, so a checkpoint is never held twice in memory.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from .args import ModelArgs
+from .transformer import Transformer
+
+log = logging.getLogger(__name__)
+
+_ATTN = {"q_proj": "wq", "k_proj": "wk", "v_proj": "wv", "o_proj": "wo"}
+_MLP = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+_SHARD_BYTES = 5 * 2**30
+
+
+# ---------------------------------------------------------------- config
+
+
+def args_from_hf_config(cfg: dict) -> ModelArgs:
+    """ModelArgs from a Llama 4 config.json (text config, or the `text_config` of a multimodal one)."""
+    if cfg.get("model_type") == "llama4" or "text_config" in cfg:
+        cfg = cfg["text_config"]
+    if cfg.get("model_type", "llama4_text") != "llama4_text":
+        raise ValueError(f"config.json has model_type={cfg.get('model_type')!r}; expected a Llama 4 model")
+    rope = cfg.get("rope_parameters") or {}
+    scaling = cfg.get("rope_scaling") or rope
+    theta = rope.get("rope_theta", cfg.get("rope_theta", 500000.0))
+    n_layers = cfg.get("num_hidden_layers", 48)
+    step = cfg.get("interleave_moe_layer_step", 1)
+    interval = cfg.get("no_rope_layer_interval", 4)
+    args = ModelArgs(
+        vocab_size=cfg.get("vocab_size", 202048),
+        dim=cfg.get("hidden_size", 5120),
+        n_layers=n_layers,
+        n_heads=cfg.get("num_attention_heads", 40),
+        n_kv_heads=cfg.get("num_key_value_heads") or cfg.get("num_attention_heads", 40),
+        head_dim=cfg.get("head_dim"),
+        norm_eps=cfg.get("rms_norm_eps", 1e-5),
+        max_seq_len=cfg.get("max_position_embeddings", 131072),
+        tie_embeddings=cfg.get("tie_word_embeddings", False),
+        ffn_hidden=cfg.get("intermediate_size_mlp", 16384),
+        expert_hidden=cfg.get("intermediate_size", 8192),
+        n_experts=cfg.get("num_local_experts", 16),
+        top_k=cfg.get("num_experts_per_tok", 1),
+        interleave_moe_layer_step=step,
+        router_aux_loss_coef=cfg.get("router_aux_loss_coef", 0.0),
+        rope_theta=theta,
+        rope_scaling_factor=scaling.get("factor") if scaling.get("rope_type", "default") == "llama3" else None,
+        rope_low_freq_factor=scaling.get("low_freq_factor", 1.0),
+        rope_high_freq_factor=scaling.get("high_freq_factor", 1.0),
+        rope_original_max_seq_len=scaling.get("original_max_position_embeddings", 8192),
+        nope_layer_interval=interval,
+        attention_chunk_size=cfg.get("attention_chunk_size", 8192),
+        use_qk_norm=cfg.get("use_qk_norm", True),
+        attn_temperature_tuning=bool(cfg.get("attn_temperature_tuning", True)),
+        floor_scale=int(cfg.get("floor_scale", 8192)),
+        attn_scale=cfg.get("attn_scale", 0.1),
+    ).validate()
+    # Explicit layer lists must agree with the interleaving rules herd builds from.
+    moe_layers = cfg.get("moe_layers")
+    if moe_layers is not None and list(moe_layers) != [i for i in range(n_layers) if args.is_moe_layer(i)]:
+        raise ValueError(
+            f"config.json moe_layers={moe_layers} is not every {step}th layer; herd builds MoE layers "
+            "from interleave_moe_layer_step only"
+        )
+    no_rope = cfg.get("no_rope_layers")
+    if no_rope:
+        expected = [int(not args.is_nope_layer(i)) for i in range(n_layers)]
+        if list(no_rope)[:n_layers] != expected:
+            raise ValueError(
+                f"config.json no_rope_layers={no_rope} is not one NoPE layer every {interval}; herd builds "
+                "NoPE layers from no_rope_layer_interval only"
+            )
+    return args
+
+
+def hf_config_from_args(args: ModelArgs) -> dict:
+    rope: dict = {"rope_type": "default", "rope_theta": args.rope_theta}
+    if args.rope_scaling_factor is not None:
+        rope.update(
+            rope_type="llama3",
+            factor=args.rope_scaling_factor,
+            low_freq_factor=args.rope_low_freq_factor,
+            high_freq_factor=args.rope_high_freq_factor,
+            original_max_position_embeddings=args.rope_original_max_seq_len,
+        )
+    n = args.n_layers
+    return {
+        "architectures": ["Llama4ForCausalLM"],
+        "model_type": "llama4_text",
+        "vocab_size": args.vocab_size,
+        "hidden_size": args.dim,
+        "num_hidden_layers": n,
+        "num_attention_heads": args.n_heads,
+        "num_key_value_heads": args.n_kv_heads,
+        "head_dim": args.head_size,
+        "rms_norm_eps": args.norm_eps,
+        "max_position_embeddings": args.max_seq_len,
+        "tie_word_embeddings": args.tie_embeddings,
+        "intermediate_size": args.expert_hidden,
+        "intermediate_size_mlp": args.ffn_hidden,
+        "num_local_experts": args.n_experts,
+        "num_experts_per_tok": args.top_k,
+        "interleave_moe_layer_step": args.interleave_moe_layer_step,
+        "moe_layers": [i for i in range(n) if args.is_moe_layer(i)],
+        "router_aux_loss_coef": args.router_aux_loss_coef,
+        "rope_theta": args.rope_theta,
+        "rope_scaling": rope if args.rope_scaling_factor is not None else None,
+        "rope_parameters": rope,
+        "no_rope_layer_interval": args.nope_layer_interval,
+        "no_rope_layers": [int(not args.is_nope_layer(i)) for i in range(n)],
+        "attention_chunk_size": args.attention_chunk_size,
+        "use_qk_norm": args.use_qk_norm,
+        "attn_temperature_tuning": args.attn_temperature_tuning,
+        "floor_scale": args.floor_scale,
+        "attn_scale": args.attn_scale,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        # Llama 4's special ids, when the vocabulary is Llama 4's.
+        "bos_token_id": 200000 if args.vocab_size == 202048 else None,
+        "eos_token_id": [200001, 200007, 200008] if args.vocab_size == 202048 else None,
+        "pad_token_id": 200018 if args.vocab_size == 202048 else None,
+        "torch_dtype": "bfloat16",
+    }
+
+
+# ---------------------------------------------------------------- state dicts
+
+
+def state_dict_from_hf(hf: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
+    """HF Llama 4 names -> herd names. Vision and projector weights are left out."""
+    out: dict[str, torch.Tensor] = {}
+    unknown = []
+    for name, t in hf.items():
+        if name.startswith(("vision_model.", "multi_modal_projector.")):
+            continue
+        name = name.removeprefix("language_model.")
+        if name == "model.embed_tokens.weight":
+            out["tok_embeddings.weight"] = t
+        elif name == "model.norm.weight":
+            out["norm.weight"] = t
+        elif name == "lm_head.weight":
+            out["output.weight"] = t
+        elif m := re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name):
+            i, rest = m.group(1), m.group(2)
+            p = f"layers.{i}."
+            if m2 := re.fullmatch(r"self_attn\.(\w+)\.weight", rest):
+                out[p + f"attention.{_ATTN[m2.group(1)]}.weight"] = t
+            elif rest == "input_layernorm.weight":
+                out[p + "attention_norm.weight"] = t
+            elif rest == "post_attention_layernorm.weight":
+                out[p + "ffn_norm.weight"] = t
+            elif rest == "feed_forward.router.weight":
+                out[p + "feed_forward.router.weight"] = t
+            elif rest == "feed_forward.experts.gate_up_proj":
+                w1, w3 = t.chunk(2, dim=-1)
+                out[p + "feed_forward.experts.w1"] = w1
+                out[p + "feed_forward.experts.w3"] = w3
+            elif rest == "feed_forward.experts.down_proj":
+                out[p + "feed_forward.experts.w2"] = t
+            elif m2 := re.fullmatch(r"feed_forward\.(shared_expert\.)?(\w+)\.weight", rest):
+                out[p + f"feed_forward.{m2.group(1) or ''}{_MLP[m2.group(2)]}.weight"] = t
+            else:
+                unknown.append(name)
+        else:
+            unknown.append(name)
+    if unknown:
+        raise ValueError(f"Hugging Face checkpoint has names herd does not know: {unknown[:5]} ({len(unknown)} in all)")
+    if args.tie_embeddings:
+        out.pop("output.weight", None)
+    return out
+
+
+def state_dict_to_hf(sd: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
+    """herd names -> HF Llama4ForCausalLM names."""
+    attn = {v: k for k, v in _ATTN.items()}
+    mlp = {v: k for k, v in _MLP.items()}
+    out: dict[str, torch.Tensor] = {}
+    experts: dict[str, dict[str, torch.Tensor]] = {}
+    for name, t in sd.items():
+        if name == "tok_embeddings.weight":
+            out["model.embed_tokens.weight"] = t
+        elif name == "norm.weight":
+            out["model.norm.weight"] = t
+        elif name == "output.weight":
+            if not args.tie_embeddings:
+                out["lm_head.weight"] = t
+        elif m := re.fullmatch(r"layers\.(\d+)\.(.+)", name):
+            i, rest = m.group(1), m.group(2)
+            p = f"model.layers.{i}."
+            if m2 := re.fullmatch(r"attention\.(w\w)\.weight", rest):
+                out[p + f"self_attn.{attn[m2.group(1)]}.weight"] = t
+            elif rest == "attention_norm.weight":
+                out[p + "input_layernorm.weight"] = t
+            elif rest == "ffn_norm.weight":
+                out[p + "post_attention_layernorm.weight"] = t
+            elif rest == "feed_forward.router.weight":
+                out[p + "feed_forward.router.weight"] = t
+            elif m2 := re.fullmatch(r"feed_forward\.experts\.(w\d)", rest):
+                experts.setdefault(p, {})[m2.group(1)] = t
+            elif m2 := re.fullmatch(r"feed_forward\.(shared_expert\.)?(w\d)\.weight", rest):
+                out[p + f"feed_forward.{m2.group(1) or ''}{mlp[m2.group(2)]}.weight"] = t
+            else:
+                raise ValueError(f"herd parameter {name!r} has no Hugging Face name")
+        else:
+            raise ValueError(f"herd parameter {name!r} has no Hugging Face name")
+    for p, w in experts.items():
+        out[p + "feed_forward.experts.gate_up_proj"] = torch.cat((w["w1"], w["w3"]), dim=-1)
+        out[p + "feed_forward.experts.down_proj"] = w["w2"]
+    return out
+
+
+# ---------------------------------------------------------------- folders
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = sorted(p.name for p in path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {path}")
+    sd: dict[str, torch.Tensor] = {}
+    for f in files:
+        if not (path / f).exists():
+            raise FileNotFoundError(f"{path / f} is listed in the index but missing")
+        sd.update(load_file(path / f))
+    return sd
+
+
+def from_hf(path_or_state_dict, args: ModelArgs | None = None, dtype: torch.dtype | None = None) -> Transformer:
+    """Build a herd Transformer from a Hugging Face Llama 4 folder, or from an HF-named state
+    dict plus `args`. Weights keep the checkpoint's dtype unless `dtype` is given."""
+    if isinstance(path_or_state_dict, (str, os.PathLike)):
+        path = Path(path_or_state_dict)
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"{path} has no config.json; expected a Hugging Face Llama 4 folder")
+        cfg = json.loads((path / "config.json").read_text())
+        args = args or args_from_hf_config(cfg)
+        hf = _read_safetensors(path)
+    else:
+        if args is None:
+            raise ValueError("from_hf(state_dict) needs args=ModelArgs(...)")
+        hf = path_or_state_dict
+    sd = state_dict_from_hf(hf, args)
+    if dtype is not None:
+        sd = {k: v.to(dtype) for k, v in sd.items()}
+    with torch.device("meta"):
+        model = Transformer(args)
+    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint does not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if args.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    return model
+
+
+def to_hf(model: Transformer | dict, out_dir, args: ModelArgs | None = None, dtype: torch.dtype | None = None) -> Path:
+    """Write `model` (or a herd state dict with `args`) as a Hugging Face Llama4ForCausalLM folder."""
+    from safetensors.torch import save_file
+
+    if isinstance(model, Transformer):
+        args, sd = model.args, model.state_dict()
+    elif args is None:
+        raise ValueError("to_hf(state_dict, dir) needs args=ModelArgs(...)")
+    else:
+        sd = model
+    hf = state_dict_to_hf(sd, args)
+    hf = {k: (v.to(dtype) if dtype else v).detach().cpu().contiguous() for k, v in hf.items()}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = hf_config_from_args(args)
+    cfg["torch_dtype"] = str(next(iter(hf.values())).dtype).removeprefix("torch.")
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, v in hf.items():
+        nbytes = v.numel() * v.element_size()
+        if size and size + nbytes > _SHARD_BYTES:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], out / "model.safetensors", metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, out / fname, metadata={"format": "pt"})
+            weight_map.update({k: fname for k in shard})
+        total = sum(v.numel() * v.element_size() for v in hf.values())
+        (out / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+        )
+    return out

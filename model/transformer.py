@@ -1,0 +1,99 @@
+"""The Llama 4 text decoder: embeddings, interleaved dense/MoE blocks with iRoPE attention,
+final norm and output head. Read top to bottom; the pieces live in layers.py and moe.py."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .args import ModelArgs
+from .layers import Attention, AttentionMasks, FeedForward, RMSNorm, rope_cos_sin, rope_inv_freq
+from .moe import MoE
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: h + attention(norm(h)), then h + ffn(norm(h)), where ffn is a
+    dense SwiGLU or an MoE layer."""
+
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attention = Attention(args, layer)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.is_moe = args.is_moe_layer(layer)
+        self.feed_forward = MoE(args) if self.is_moe else FeedForward(args.dim, args.ffn_hidden)
+
+    def forward(self, h, rope, positions, masks: AttentionMasks):
+        """Returns (h, router losses [2] or None, tokens per expert [E] or None)."""
+        h = h + self.attention(self.attention_norm(h), rope, positions, masks)
+        if self.is_moe:
+            out, losses, counts = self.feed_forward(self.ffn_norm(h))
+            return h + out, losses, counts
+        return h + self.feed_forward(self.ffn_norm(h)), None, None
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args.validate()
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        # A ModuleDict keyed by layer index keeps names stable when parallel/ wraps blocks.
+        self.layers = nn.ModuleDict({str(i): Block(args, i) for i in range(args.n_layers)})
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return [i for i in range(self.args.n_layers) if self.args.is_moe_layer(i)]
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        return_router_stats: bool = False,
+    ):
+        """tokens [B, T] -> logits [B, T, vocab].
+
+        positions [B, T] (default 0..T-1) drive RoPE, chunk boundaries and temperature tuning;
+        doc_ids [B, T] keep packed documents from attending to each other. With
+        `return_router_stats`, also returns router losses [2] (aux, z; mean over MoE layers) and
+        tokens per expert [n_moe_layers, E]."""
+        B, T = tokens.shape
+        h = self.tok_embeddings(tokens)
+        masks = AttentionMasks(T, self.args.attention_chunk_size, positions, doc_ids, tokens.device)
+        if positions is None:
+            positions = torch.arange(T, device=tokens.device).expand(B, T)
+        rope = rope_cos_sin(rope_inv_freq(self.args, tokens.device), positions)
+
+        losses, counts = [], []
+        for block in self.layers.values():
+            h, layer_losses, layer_counts = block(h, rope, positions, masks)
+            if layer_losses is not None:
+                losses.append(layer_losses)
+                counts.append(layer_counts)
+        logits = self.output(self.norm(h))
+        if not return_router_stats:
+            return logits
+        if losses:
+            return logits, torch.stack(losses).mean(0), torch.stack(counts)
+        return logits, h.new_zeros(2, dtype=torch.float32), torch.zeros(0, self.args.n_experts, dtype=torch.long)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Normal(0, init_std) everywhere; the projections that write into the residual stream
+        (attention wo, ffn w2, expert w2) scaled by 1/sqrt(2 * n_layers) so the residual's
+        variance does not grow with depth."""
+        std = self.args.init_std
+        out_std = std / math.sqrt(2 * self.args.n_layers)
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                nn.init.ones_(p)
+            elif name.endswith(("wo.weight", "w2.weight", "experts.w2")):
+                nn.init.normal_(p, std=out_std)
+            else:
+                nn.init.normal_(p, std=std)
