@@ -1,0 +1,43 @@
+"""herd's main job.
+
+    torchrun --standalone --nproc_per_node=2 launch/pretrain.py +model=tiny
+    python launch/pretrain.py +model=tiny train.steps=50
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import hydra
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from train.config import register_configs  # noqa: E402
+from train.loop import train  # noqa: E402
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="pretrain")
+def main(cfg: DictConfig) -> None:
+    if OmegaConf.is_missing(cfg, "model"):
+        raise SystemExit("choose a model preset: launch/pretrain.py +model=tiny (or scout, maverick, behemoth)")
+    rank = int(os.environ.get("RANK", "0"))
+    logging.getLogger("herd").setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    try:
+        train(cfg)
+    except (ValueError, FileNotFoundError, NotImplementedError) as e:
+        # A user's mistake: one line that names it, not a traceback per rank.
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""The real entry point: torchrun smoke test, resume by rerun, and config errors that stop
+before any compute with a message naming the value."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import ROOT, free_port
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def run(args, timeout=300):
+    return subprocess.run(args, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def read_metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_torchrun_two_ranks_trains_and_resumes(tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", "launch/pretrain.py", "+model=tiny", "train.seq_len=128",
+           "train.batch_size=4", "optim.lr=3e-3", "optim.warmup_steps=5", f"run.dir={run_dir}",
+           "checkpoint.interval=10"]
+    out = run(cmd + ["train.steps=30"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows] == list(range(1, 31))
+    for key in ("step", "loss", "lr", "grad_norm", "tokens_per_s"):
+        assert key in rows[0]
+    assert rows[-1]["loss"] < rows[0]["loss"] - 2.0, (rows[0]["loss"], rows[-1]["loss"])
+    assert (run_dir / "config.yaml").exists()
+    assert sorted(os.listdir(run_dir / "checkpoints")) == ["step-00000010", "step-00000020", "step-00000030"]
+    assert "step 30/30" in out.stdout + out.stderr  # rank 0's console line
+    # Hydra made no directories of its own (no per-rank outputs/DATE/TIME)
+    assert not (tmp_path / "outputs").exists() and not os.path.exists(os.path.join(ROOT, "outputs", "test"))
+
+    # The same command with more steps continues from step 30.
+    out = run(cmd + ["train.steps=35"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows][-5:] == [31, 32, 33, 34, 35]
+    assert "resumed from" in out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("model.n_kv_heads=3", "n_kv_heads=3"),
+    ("model.top_k=9", "top_k=9"),
+    ("parallel.ep=3", "parallel.ep=3"),
+    ("train.seq_len=4096", "train.seq_len=4096"),
+    ("logging.wandb.mode=sometimes", "sometimes"),
+    ("train.stepz=5", "stepz"),
+    ("model.dimm=5", "dimm"),
+])
+def test_bad_config_stops_with_a_message(tmp_path, override, expected):
+    out = run([sys.executable, "launch/pretrain.py", "+model=tiny", f"run.dir={tmp_path}", override], timeout=60)
+    assert out.returncode != 0
+    assert expected in out.stderr
+    assert not (tmp_path / "metrics.jsonl").exists()  # stopped before any step
+
+
+def test_unknown_preset_and_missing_model(tmp_path):
+    out = run([sys.executable, "launch/pretrain.py", "+model=gigantic", f"run.dir={tmp_path}"], timeout=60)
+    assert out.returncode != 0 and "gigantic" in out.stderr
+    out = run([sys.executable, "launch/pretrain.py", f"run.dir={tmp_path}"], timeout=60)
+    assert out.returncode != 0 and "+model=tiny" in out.stderr

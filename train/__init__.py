@@ -1,0 +1,1 @@
+"""herd's training: config schema, loop, optimizer, checkpoints, metrics."""

@@ -1,0 +1,98 @@
+"""Sharded checkpoints with torch.distributed.checkpoint (DCP).
+
+`${run.dir}/checkpoints/step-XXXXXXXX/` holds model and optimizer shards (DCP) plus
+`train_state.json` (step, tokens, LR schedule, data cursor), readable by people and tools. A checkpoint is written under a temporary
+name and renamed only once every rank has finished, so a crash mid-write never damages the
+last good one.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+
+log = logging.getLogger("herd")
+_STEP_DIR = re.compile(r"step-(\d{8})$")
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def checkpoint_dir(run_dir: str, step: int) -> str:
+    return os.path.join(run_dir, "checkpoints", f"step-{step:08d}")
+
+
+def list_checkpoints(run_dir: str) -> list[str]:
+    root = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(root):
+        return []
+    found = [(int(m.group(1)), os.path.join(root, d)) for d in os.listdir(root) if (m := _STEP_DIR.match(d))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str) -> str | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def save_checkpoint(run_dir: str, step: int, model, optimizer, train_state: dict, keep: int, is_main: bool) -> str:
+    final = checkpoint_dir(run_dir, step)
+    tmp = final + ".tmp"
+    if is_main and os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    _barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+    _barrier()
+    if is_main:
+        with open(os.path.join(tmp, "train_state.json"), "w") as f:
+            json.dump(train_state, f, indent=1)
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        log.info(f"saved checkpoint {final}")
+    _barrier()
+    return final
+
+
+def load_checkpoint(path: str, model, optimizer=None) -> dict | None:
+    """Load weights (and, with an optimizer, the full training state) from a DCP checkpoint
+    saved with any layout; returns the training state or None for a weights-only load."""
+    if not os.path.isfile(os.path.join(path, ".metadata")):
+        raise FileNotFoundError(f"{path} is not a complete herd checkpoint (no .metadata); "
+                                "checkpoints live in <run.dir>/checkpoints/step-XXXXXXXX")
+    if optimizer is None:
+        state = {"model": get_model_state_dict(model)}
+        dcp.load(state, checkpoint_id=path)
+        set_model_state_dict(model, state["model"])
+        return None
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    with open(os.path.join(path, "train_state.json")) as f:
+        return json.load(f)
+
+
+def load_model_weights_single_process(path: str, model) -> None:
+    """Load a checkpoint's model weights into an unsharded model (conversion, evaluation)."""
+    state = {"model": get_model_state_dict(model, options=StateDictOptions(full_state_dict=False))}
+    dcp.load(state, checkpoint_id=path)
+    model.load_state_dict(state["model"])

@@ -1,0 +1,138 @@
+"""The config schema: one dataclass per group, registered with Hydra's ConfigStore so that a
+mistyped or unknown key is an error, never a silent default. `validate()` checks the values
+that the types cannot, before any model is built."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from omegaconf import MISSING
+
+from model import ModelArgs
+
+
+@dataclass
+class RunConfig:
+    dir: str = "outputs/${run.name}"  # metrics.jsonl, config.yaml and checkpoints go here
+    name: str = "herd"
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    seed: int = 0
+    batch_size: int = 8  # rows per rank per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    seq_len: int = 256
+    max_grad_norm: float = 1.0  # 0 disables clipping (the norm is still logged)
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU | fp32 | bf16
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    warmup_steps: int = 100
+    decay_fraction: float = 0.2  # warmup-stable-decay: the last 20% of steps decay linearly
+    min_lr_ratio: float = 0.0  # lr at the end of decay, as a fraction of lr
+
+
+@dataclass
+class ParallelConfig:
+    dp_shard: int = -1  # FSDP ranks; -1: world_size / dp_replicate
+    dp_replicate: int = 1  # HSDP replicas (replicate across, shard within)
+    ep: int = 1  # expert-parallel ranks, carved out of dp_shard
+    backend: str = "auto"  # auto: nccl on CUDA, gloo on CPU
+    param_dtype: str = "auto"  # FSDP compute dtype: auto = bf16 on CUDA, fp32 on CPU
+    reduce_dtype: str = "float32"
+    activation_checkpointing: bool = False
+    compile: bool = False  # torch.compile each transformer block
+    timeout_s: int = 600  # a collective that hangs this long raises
+
+
+@dataclass
+class DataConfig:
+    kind: str = "text"  # text: a local text file, tokenized by bytes and packed
+    path: str | None = None  # text file; None: the English text of Python's pydoc topics
+    urls: str | None = None  # webdataset shards (directory, brace pattern or pipe: command)
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 0  # save every N steps (and at the end); 0: only at the end
+    keep: int = 3  # keep the last K checkpoints
+    load: str | None = None  # start from this checkpoint directory instead of resuming
+    resume: bool = True  # a rerun continues from the latest checkpoint in run.dir
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "disabled"  # online | offline | disabled
+    project: str = "herd"
+
+
+@dataclass
+class LoggingConfig:
+    interval: int = 1  # steps between metrics.jsonl lines and console lines
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class PretrainConfig:
+    model: ModelArgs = MISSING  # choose a preset: +model=tiny | scout | maverick | behemoth
+    run: RunConfig = field(default_factory=RunConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def register_configs() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="pretrain_schema", node=PretrainConfig)
+    for group, node in (("model", ModelArgs), ("data", DataConfig), ("parallel", ParallelConfig),
+                        ("optim", OptimConfig), ("logging", LoggingConfig)):
+        cs.store(group=group, name=f"{group}_schema", node=node)
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(allowed)}")
+
+
+def validate(cfg: PretrainConfig) -> None:
+    """Values the schema's types cannot check. Raises ValueError naming the key and value."""
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ValueError(msg)
+
+    t, o, p = cfg.train, cfg.optim, cfg.parallel
+    for key in ("steps", "batch_size", "grad_accum", "seq_len"):
+        need(getattr(t, key) > 0, f"train.{key}={getattr(t, key)} must be positive")
+    need(t.max_grad_norm >= 0, f"train.max_grad_norm={t.max_grad_norm} must be >= 0")
+    _choice("train.device", t.device, ("auto", "cpu", "cuda"))
+    _choice("train.dtype", t.dtype, ("auto", "fp32", "bf16"))
+    need(t.seq_len <= cfg.model.max_seq_len,
+         f"train.seq_len={t.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
+    need(o.lr > 0, f"optim.lr={o.lr} must be positive")
+    need(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, f"optim betas ({o.beta1}, {o.beta2}) must be in [0, 1)")
+    need(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0")
+    need(0 <= o.decay_fraction <= 1, f"optim.decay_fraction={o.decay_fraction} must be in [0, 1]")
+    need(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
+    _choice("parallel.backend", p.backend, ("auto", "nccl", "gloo"))
+    _choice("parallel.param_dtype", p.param_dtype, ("auto", "float32", "bfloat16"))
+    _choice("parallel.reduce_dtype", p.reduce_dtype, ("float32", "bfloat16"))
+    need(p.ep >= 1, f"parallel.ep={p.ep} must be >= 1")
+    need(p.dp_replicate >= 1, f"parallel.dp_replicate={p.dp_replicate} must be >= 1")
+    _choice("data.kind", cfg.data.kind, ("text",))
+    need(cfg.checkpoint.interval >= 0, f"checkpoint.interval={cfg.checkpoint.interval} must be >= 0")
+    need(cfg.checkpoint.keep >= 1, f"checkpoint.keep={cfg.checkpoint.keep} must be >= 1")
+    need(cfg.logging.interval >= 1, f"logging.interval={cfg.logging.interval} must be >= 1")
+    _choice("logging.wandb.mode", cfg.logging.wandb.mode, ("online", "offline", "disabled"))

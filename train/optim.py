@@ -1,0 +1,34 @@
+"""AdamW and the warmup-stable-decay learning-rate schedule."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import OptimConfig
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    """Weight decay on matrices only; norms (1-D) are not decayed."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=True)
+
+
+def wsd_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
+    """Multiplier of optim.lr at `step` (0-based): linear warmup, constant, then a linear decay
+    over the last `decay_fraction` of the run down to `min_lr_ratio`."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    decay_steps = int(round(cfg.decay_fraction * total_steps))
+    decay_start = total_steps - decay_steps
+    if decay_steps == 0 or step < decay_start:
+        return 1.0
+    progress = (step - decay_start + 1) / decay_steps
+    return 1.0 - (1.0 - cfg.min_lr_ratio) * min(progress, 1.0)
+
+
+def build_scheduler(opt: torch.optim.Optimizer, total_steps: int, cfg: OptimConfig):
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: wsd_factor(s, total_steps, cfg))
