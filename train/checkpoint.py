@@ -17,7 +17,6 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
     get_model_state_dict,
     get_state_dict,
     set_model_state_dict,
@@ -72,6 +71,12 @@ def save_checkpoint(run_dir: str, step: int, model, optimizer, train_state: dict
     return final
 
 
+def has_train_state(path: str) -> bool:
+    """Whether `path` is a full training checkpoint (as opposed to weights only, e.g. converted
+    from Hugging Face)."""
+    return os.path.isfile(os.path.join(path, "train_state.json"))
+
+
 def load_checkpoint(path: str, model, optimizer=None) -> dict | None:
     """Load weights (and, with an optimizer, the full training state) from a DCP checkpoint
     saved with any layout; returns the training state or None for a weights-only load."""
@@ -89,10 +94,3 @@ def load_checkpoint(path: str, model, optimizer=None) -> dict | None:
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     with open(os.path.join(path, "train_state.json")) as f:
         return json.load(f)
-
-
-def load_model_weights_single_process(path: str, model) -> None:
-    """Load a checkpoint's model weights into an unsharded model (conversion, evaluation)."""
-    state = {"model": get_model_state_dict(model, options=StateDictOptions(full_state_dict=False))}
-    dcp.load(state, checkpoint_id=path)
-    model.load_state_dict(state["model"])

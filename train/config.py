@@ -64,7 +64,8 @@ class DataConfig:
 class CheckpointConfig:
     interval: int = 0  # save every N steps (and at the end); 0: only at the end
     keep: int = 3  # keep the last K checkpoints
-    load: str | None = None  # start from this checkpoint directory instead of resuming
+    load: str | None = None  # start a new run from this checkpoint (another run's, or converted from HF)
+    weights_only: bool = False  # with load: take the weights only (fresh optimizer, step 0)
     resume: bool = True  # a rerun continues from the latest checkpoint in run.dir
 
 

@@ -23,7 +23,7 @@ from model import ModelArgs, Transformer
 from model.params import count_parameters
 from parallel import build_mesh, init_distributed, parallelize_model
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import has_train_state, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import validate
 from .metrics import MetricsWriter, flops_per_token, peak_flops
 from .optim import build_optimizer, build_scheduler
@@ -90,14 +90,21 @@ def train(cfg) -> list[dict]:
     data = TextBatches(cfg.data.path, t.seq_len, t.batch_size, args.vocab_size, env.rank, env.world_size, t.seed)
 
     step, tokens_seen = 0, 0
-    resume_from = cfg.checkpoint.load or (latest_checkpoint(run_dir) if cfg.checkpoint.resume else None)
-    if resume_from:
-        state = load_checkpoint(resume_from, model, optimizer)
+    # A rerun continues this run's own latest checkpoint; checkpoint.load only seeds a new run.
+    own = latest_checkpoint(run_dir) if cfg.checkpoint.resume else None
+    source = own or cfg.checkpoint.load
+    full = own is not None or (source is not None and not cfg.checkpoint.weights_only and has_train_state(source))
+    if source and not full:
+        load_checkpoint(source, model)
+        if env.is_main:
+            log.info(f"loaded weights from {source}; training starts at step 0")
+    elif source:
+        state = load_checkpoint(source, model, optimizer)
         step, tokens_seen = int(state["step"]), int(state["tokens"])
         scheduler.load_state_dict(state["scheduler"])
         data.load_state_dict(state["data"])
         if env.is_main:
-            log.info(f"resumed from {resume_from} at step {step}")
+            log.info(f"resumed from {source} at step {step}")
 
     use_bf16 = t.dtype == "bf16" or (t.dtype == "auto" and env.device.type == "cuda")
     autocast = (torch.autocast(env.device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext)

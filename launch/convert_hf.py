@@ -1,0 +1,88 @@
+"""Convert between herd checkpoints and Hugging Face Llama 4 folders.
+
+    # a herd checkpoint (DCP, any layout) -> a folder Llama4ForCausalLM.from_pretrained loads
+    python launch/convert_hf.py to-hf outputs/tiny/checkpoints/step-00000100 hf/tiny [--dtype bfloat16]
+    # a Hugging Face Llama 4 folder (text model or the text part of a multimodal one) -> a herd
+    # checkpoint that training starts from with checkpoint.load=DIR
+    python launch/convert_hf.py from-hf path/to/Llama-4-Scout-17B-16E herd/scout
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+
+import torch
+import torch.distributed.checkpoint as dcp
+from omegaconf import OmegaConf
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from model import ModelArgs, Transformer  # noqa: E402
+from model.hf import from_hf, hf_config_from_args, to_hf  # noqa: E402
+
+warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def model_args_of_checkpoint(ckpt: str) -> ModelArgs:
+    """The model config of the run that wrote `ckpt` (<run.dir>/config.yaml, two levels up)."""
+    cfg_path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(ckpt))), "config.yaml")
+    if os.path.isfile(os.path.join(ckpt, "model_args.json")):
+        return ModelArgs(**json.load(open(os.path.join(ckpt, "model_args.json"))))
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"no config.yaml for {ckpt}: expected {cfg_path} (the run directory's config)")
+    return ModelArgs(**OmegaConf.to_container(OmegaConf.load(cfg_path).model, resolve=True))
+
+
+def herd_to_hf(ckpt: str, out: str, dtype: str | None) -> None:
+    if not os.path.isfile(os.path.join(ckpt, ".metadata")):
+        raise FileNotFoundError(f"{ckpt} is not a herd checkpoint directory (no .metadata)")
+    args = model_args_of_checkpoint(ckpt)
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.to_empty(device="cpu")
+    state = {"model": model.state_dict()}
+    dcp.load(state, checkpoint_id=ckpt)
+    model.load_state_dict(state["model"])
+    to_hf(model, out, dtype=_DTYPES[dtype] if dtype else None)
+    print(f"wrote {out} (Llama4ForCausalLM, {sum(p.numel() for p in model.parameters()) / 1e6:,.1f}M parameters)")
+
+
+def hf_to_herd(hf_dir: str, out: str, dtype: str | None) -> None:
+    model = from_hf(hf_dir, dtype=_DTYPES[dtype] if dtype else None)
+    dcp.save({"model": model.state_dict()}, checkpoint_id=out)
+    from dataclasses import asdict
+
+    with open(os.path.join(out, "model_args.json"), "w") as f:
+        json.dump(asdict(model.args), f, indent=1)
+    print(f"wrote {out}: start training from it with checkpoint.load={out} "
+          f"(model config: {json.dumps(hf_config_from_args(model.args)['hidden_size'])} wide, "
+          f"{model.args.n_layers} layers; model_args.json lists every field)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("to-hf", help="herd checkpoint -> Hugging Face folder")
+    a.add_argument("checkpoint")
+    a.add_argument("out")
+    a.add_argument("--dtype", choices=sorted(_DTYPES))
+    b = sub.add_parser("from-hf", help="Hugging Face folder -> herd checkpoint")
+    b.add_argument("hf_dir")
+    b.add_argument("out")
+    b.add_argument("--dtype", choices=sorted(_DTYPES))
+    ns = p.parse_args(argv)
+    try:
+        if ns.cmd == "to-hf":
+            herd_to_hf(ns.checkpoint, ns.out, ns.dtype)
+        else:
+            hf_to_herd(ns.hf_dir, ns.out, ns.dtype)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()
