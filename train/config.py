@@ -30,12 +30,12 @@ class TrainConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 3e-4
+    lr: float = 1e-3
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
     weight_decay: float = 0.1
-    warmup_steps: int = 100
+    warmup_steps: int = 20
     decay_fraction: float = 0.2  # warmup-stable-decay: the last 20% of steps decay linearly
     min_lr_ratio: float = 0.0  # lr at the end of decay, as a fraction of lr
 
