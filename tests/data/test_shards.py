@@ -1,0 +1,59 @@
+import pytest
+
+from data.shards import expand_shards, plan_epoch, read_unit, ReadUnit
+
+from datakit import write_tar
+
+
+def _tars(tmp_path, n):
+    for i in range(n):
+        write_tar(tmp_path / f"p-{i:03d}.tar", [{"__key__": f"k{i}-{j}", "txt": f"{i} {j}"} for j in range(3)])
+    return sorted(str(p) for p in tmp_path.glob("*.tar"))
+
+
+def test_expand_directory_brace_pipe_and_list(tmp_path):
+    paths = _tars(tmp_path, 3)
+    assert expand_shards(str(tmp_path)) == paths
+    assert expand_shards(str(tmp_path / "p-{000..002}.tar")) == paths
+    assert expand_shards(f"{paths[0]}::{paths[1]}") == paths[:2]
+    assert expand_shards(f"pipe:cat {tmp_path}/p-{{000..001}}.tar") == [f"pipe:cat {p}" for p in paths[:2]]
+    assert expand_shards([paths[2], str(tmp_path / "p-00{0..1}.tar")]) == [paths[2]] + paths[:2]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no .tar"):
+        expand_shards(str(tmp_path / "empty"))
+
+
+@pytest.mark.parametrize("n_shards,streams", [(8, 4), (9, 4), (3, 4), (2, 6), (1, 3)])
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_every_sample_belongs_to_exactly_one_stream(n_shards, streams, shuffle):
+    urls = [f"s{i}" for i in range(n_shards)]
+    per_shard = 5
+    owners = {}
+    for stream in range(streams):
+        for unit in plan_epoch(urls, stream, streams, seed=3, source=0, epoch=1, shuffle=shuffle):
+            for j in range(per_shard):
+                if j % unit.stride == unit.offset:
+                    assert (unit.url, j) not in owners
+                    owners[(unit.url, j)] = stream
+    assert len(owners) == n_shards * per_shard
+    if n_shards >= streams:  # whole shards: no stream reads a shard another reads
+        assert all(len({s for (u, _), s in owners.items() if u == url}) == 1 for url in urls)
+
+
+def test_epochs_reshuffle_shards():
+    urls = [f"s{i}" for i in range(16)]
+    a = plan_epoch(urls, 0, 2, seed=1, source=0, epoch=0, shuffle=True)
+    b = plan_epoch(urls, 0, 2, seed=1, source=0, epoch=1, shuffle=True)
+    assert a != b and a == plan_epoch(urls, 0, 2, seed=1, source=0, epoch=0, shuffle=True)
+
+
+def test_read_unit_resumes_and_reports_errors(tmp_path):
+    paths = _tars(tmp_path, 1)
+    got = [(i, s["__key__"]) for i, s in read_unit(ReadUnit(paths[0]), start=1)]
+    assert got == [(1, "k0-1"), (2, "k0-2")]
+    missing = list(read_unit(ReadUnit(str(tmp_path / "nope.tar"))))
+    assert len(missing) == 1 and missing[0][1]["__error__"] == "unreadable_shard"
+    failing = list(read_unit(ReadUnit("pipe:exit 3")))
+    assert [x[1]["__error__"] for x in failing] == ["unreadable_shard"]
+    via_pipe = [s["__key__"] for _, s in read_unit(ReadUnit(f"pipe:cat {paths[0]}"))]
+    assert via_pipe == ["k0-0", "k0-1", "k0-2"]
