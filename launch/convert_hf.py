@@ -1,8 +1,9 @@
 """Convert between herd checkpoints and Hugging Face Llama 4 folders.
 
     # a herd checkpoint (DCP, any layout) -> a folder Llama4ForCausalLM.from_pretrained loads
+    # (Llama4ForConditionalGeneration for a model with a vision encoder)
     python launch/convert_hf.py to-hf outputs/tiny/checkpoints/step-00000100 hf/tiny [--dtype bfloat16]
-    # a Hugging Face Llama 4 folder (text model or the text part of a multimodal one) -> a herd
+    # a Hugging Face Llama 4 folder (text model, or multimodal: vision encoder included) -> a herd
     # checkpoint that training starts from with checkpoint.load=DIR
     python launch/convert_hf.py from-hf path/to/Llama-4-Scout-17B-16E herd/scout
 """
@@ -21,7 +22,7 @@ from omegaconf import OmegaConf
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from model import ModelArgs, Transformer  # noqa: E402
-from model.hf import from_hf, hf_config_from_args, to_hf  # noqa: E402
+from model.hf import from_hf, to_hf  # noqa: E402
 
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -48,7 +49,8 @@ def herd_to_hf(ckpt: str, out: str, dtype: str | None) -> None:
     dcp.load(state, checkpoint_id=ckpt)
     model.load_state_dict(state["model"])
     to_hf(model, out, dtype=_DTYPES[dtype] if dtype else None)
-    print(f"wrote {out} (Llama4ForCausalLM, {sum(p.numel() for p in model.parameters()) / 1e6:,.1f}M parameters)")
+    kind = "Llama4ForConditionalGeneration" if args.vision.enabled else "Llama4ForCausalLM"
+    print(f"wrote {out} ({kind}, {sum(p.numel() for p in model.parameters()) / 1e6:,.1f}M parameters)")
 
 
 def hf_to_herd(hf_dir: str, out: str, dtype: str | None) -> None:
@@ -59,7 +61,7 @@ def hf_to_herd(hf_dir: str, out: str, dtype: str | None) -> None:
     with open(os.path.join(out, "model_args.json"), "w") as f:
         json.dump(asdict(model.args), f, indent=1)
     print(f"wrote {out}: start training from it with checkpoint.load={out} "
-          f"(model config: {json.dumps(hf_config_from_args(model.args)['hidden_size'])} wide, "
+          f"(model config: {model.args.dim} wide, "
           f"{model.args.n_layers} layers; model_args.json lists every field)")
 
 

@@ -1,11 +1,84 @@
-"""ModelArgs: every number that defines a Llama 4 text decoder.
+"""ModelArgs: every number that defines a Llama 4 model (text decoder + VisionArgs).
 
 configs/model/*.yaml map one-to-one onto these fields. `validate()` runs before anything is
 built, so a bad value stops the run with a message that names it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+
+@dataclass
+class VisionArgs:
+    """Sizes of the vision encoder. Defaults are Llama 4 Scout's and Maverick's (identical);
+    `enabled` decides whether a model has one at all."""
+
+    enabled: bool = False
+    image_size: int = 336  # square tile side in pixels
+    patch_size: int = 14
+    n_channels: int = 3
+    dim: int = 1408
+    n_layers: int = 34
+    n_heads: int = 16
+    mlp_hidden: int = 5632
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    pixel_shuffle_ratio: float = 0.5  # 0.5: every 2x2 block of patches becomes one token
+    projector_input_dim: int = 4096  # adapter hidden width (HF: projector_input_dim)
+    projector_output_dim: int = 4096  # adapter output width (HF: projector_output_dim)
+    vision_output_dim: int = 4096  # projector input width; must equal projector_output_dim
+    init_std: float = 0.02
+    freeze: bool = False  # no gradients for the encoder and adapter; the projector still trains
+
+    @property
+    def patches_per_side(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def shuffle_factor(self) -> int:
+        """Patches merged per side by pixel shuffle (2 for ratio 0.5)."""
+        return round(1 / self.pixel_shuffle_ratio)
+
+    @property
+    def tokens_per_tile(self) -> int:
+        return (self.patches_per_side // self.shuffle_factor) ** 2
+
+    def validate(self) -> "VisionArgs":
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ValueError(f"vision config: {msg}")
+
+        for name in ("image_size", "patch_size", "n_channels", "dim", "n_layers", "n_heads", "mlp_hidden",
+                     "projector_input_dim", "projector_output_dim", "vision_output_dim"):
+            need(getattr(self, name) > 0, f"{name}={getattr(self, name)} must be positive")
+        need(
+            self.image_size % self.patch_size == 0,
+            f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}",
+        )
+        need(self.dim % self.n_heads == 0, f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
+        need(
+            (self.dim // self.n_heads) % 4 == 0,
+            f"head dim {self.dim // self.n_heads} (dim={self.dim} / n_heads={self.n_heads}) must be a multiple "
+            "of 4: 2D RoPE gives half of each head to the x coordinate and half to y, in rotated pairs",
+        )
+        ratio = self.pixel_shuffle_ratio
+        need(
+            0 < ratio <= 1 and abs(1 / ratio - self.shuffle_factor) < 1e-9,
+            f"pixel_shuffle_ratio={ratio} must be 1/k for a whole number k (0.5 merges 2x2 patches)",
+        )
+        need(
+            self.patches_per_side % self.shuffle_factor == 0,
+            f"pixel_shuffle_ratio={ratio} needs patches per side ({self.patches_per_side} = image_size "
+            f"{self.image_size} / patch_size {self.patch_size}) to be a multiple of {self.shuffle_factor}",
+        )
+        need(
+            self.vision_output_dim == self.projector_output_dim,
+            f"vision_output_dim={self.vision_output_dim} must equal projector_output_dim="
+            f"{self.projector_output_dim}: the projector reads the adapter's output",
+        )
+        need(self.norm_eps > 0, f"norm_eps={self.norm_eps} must be positive")
+        need(self.rope_theta > 0, f"rope_theta={self.rope_theta} must be positive")
+        return self
 
 
 @dataclass
@@ -28,8 +101,12 @@ class ModelArgs:
     top_k: int = 1
     shared_expert: bool = True
     interleave_moe_layer_step: int = 1  # layer i is MoE when (i + 1) % step == 0; 0: no MoE
-    router_aux_loss_coef: float = 0.0  # switch-style load-balancing loss
-    router_z_loss_coef: float = 0.0  # mean(logsumexp(router logits)^2)
+    router_aux_loss_coef: float = 0.0  # switch-style load-balancing loss; applied with load_balance=aux_loss
+    router_z_loss_coef: float = 0.0  # mean(logsumexp(router logits)^2); applied in every load_balance mode
+    # aux_loss: the switch loss above | aux_free: DeepSeek-V3's per-expert routing bias, moved by
+    # rate * sign(mean load - expert load) after each optimizer step | none
+    load_balance: str = "aux_loss"
+    aux_free_bias_update_rate: float = 1e-3
 
     # Attention: iRoPE
     rope_theta: float = 500000.0
@@ -46,6 +123,30 @@ class ModelArgs:
 
     # Initialisation
     init_std: float = 0.02
+
+    # Vision (early fusion): the encoder's outputs replace the <|patch|> token embeddings
+    vision: VisionArgs = field(default_factory=VisionArgs)  # vision.enabled=false: a text-only model
+    # None: Llama 4's <|patch|> id, 92 into the specials after the BPE vocabulary (200092 for vocab
+    # 202048 = 200000 + 2048 specials; vocab - 256 + 92 for herd's small tokenizers with 256 specials)
+    patch_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        # ModelArgs(**OmegaConf.to_container(cfg)) and ModelArgs(**json) hand the nested config in as a dict.
+        if isinstance(self.vision, dict):
+            self.vision = VisionArgs(**self.vision)
+
+    @property
+    def patch_id(self) -> int:
+        """The token id whose embeddings the vision encoder's outputs replace."""
+        if self.patch_token_id is not None:
+            return self.patch_token_id
+        n_special = 2048 if self.vocab_size - 2048 >= 100_000 else 256
+        return self.vocab_size - n_special + 92
+
+    @property
+    def aux_loss_weight(self) -> float:
+        """The switch loss's weight in the training loss: zero unless load_balance=aux_loss."""
+        return self.router_aux_loss_coef if self.load_balance == "aux_loss" else 0.0
 
     @property
     def head_size(self) -> int:
@@ -100,4 +201,15 @@ class ModelArgs:
             )
         need(self.norm_eps > 0, f"norm_eps={self.norm_eps} must be positive")
         need(self.router_aux_loss_coef >= 0 and self.router_z_loss_coef >= 0, "router loss coefficients must be >= 0")
+        need(self.load_balance in ("aux_loss", "aux_free", "none"),
+             f"load_balance={self.load_balance!r} is not one of aux_loss, aux_free, none")
+        need(self.aux_free_bias_update_rate >= 0,
+             f"aux_free_bias_update_rate={self.aux_free_bias_update_rate} must be >= 0")
+        if self.vision.enabled:
+            self.vision.validate()
+            need(
+                0 <= self.patch_id < self.vocab_size,
+                f"patch_token_id={self.patch_id} is outside the vocabulary (vocab_size={self.vocab_size}); "
+                "set patch_token_id to the tokenizer's <|patch|> id",
+            )
         return self

@@ -1,9 +1,13 @@
 """Conversion between herd's Transformer and Hugging Face Llama 4 (config.json + safetensors).
 
-`from_hf` reads a `Llama4ForCausalLM` folder or the text part of a
-`Llama4ForConditionalGeneration` folder (the released Scout/Maverick checkpoints); `to_hf`
-writes a folder that `Llama4ForCausalLM.from_pretrained` loads. Weights keep their dtype and
-are loaded onto the meta device first, so a checkpoint is never held twice in memory.
+`from_hf` reads a `Llama4ForCausalLM` folder or a `Llama4ForConditionalGeneration` folder (the
+released Scout/Maverick checkpoints: text under `language_model.`, the vision encoder under
+`vision_model.` and `multi_modal_projector.`). The vision weights are loaded when the model has a
+vision encoder (`vision.enabled`, read from the config's `vision_config`) and skipped otherwise.
+`to_hf` writes what `Llama4ForCausalLM.from_pretrained` loads for a text-only model and what
+`Llama4ForConditionalGeneration.from_pretrained` loads for a model with vision. Weights keep
+their dtype and are loaded onto the meta device first, so a checkpoint is never held twice in
+memory.
 """
 from __future__ import annotations
 
@@ -15,8 +19,10 @@ from pathlib import Path
 
 import torch
 
-from .args import ModelArgs
+from .args import ModelArgs, VisionArgs
 from .transformer import Transformer
+from .vision import HF_PREFIXES as _VISION_HF_PREFIXES
+from .vision import vision_state_dict_from_hf, vision_state_dict_to_hf
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +34,68 @@ _SHARD_BYTES = 5 * 2**30
 # ---------------------------------------------------------------- config
 
 
+def _check_hf_vision_layout(v: VisionArgs) -> VisionArgs:
+    """transformers sizes the adapter from other fields: its first linear reads `intermediate_size`
+    (vision.mlp_hidden) features after pixel shuffle, and its second maps projector_output_dim to
+    itself. herd's encoder has no such ties; a Hugging Face Llama 4 folder needs them."""
+    shuffled = v.dim * v.shuffle_factor**2
+    if v.mlp_hidden != shuffled or v.projector_input_dim != v.projector_output_dim:
+        raise ValueError(
+            f"vision mlp_hidden={v.mlp_hidden}, projector_input_dim={v.projector_input_dim}, projector_output_dim="
+            f"{v.projector_output_dim}: transformers' Llama 4 vision adapter needs mlp_hidden == dim * "
+            f"{v.shuffle_factor}^2 = {shuffled} and projector_input_dim == projector_output_dim"
+        )
+    return v
+
+
+def vision_args_from_hf_config(vc: dict) -> VisionArgs:
+    """VisionArgs (enabled) from the `vision_config` of a Llama 4 config.json. Missing keys take
+    transformers' Llama4VisionConfig defaults, as transformers itself would."""
+    unsupported = {
+        "hidden_act": (vc.get("hidden_act", "gelu"), "gelu"),
+        "vision_feature_layer": (vc.get("vision_feature_layer", -1), -1),
+        "vision_feature_select_strategy": (vc.get("vision_feature_select_strategy", "default"), "default"),
+        "multi_modal_projector_bias": (vc.get("multi_modal_projector_bias", False), False),
+    }
+    for key, (value, supported) in unsupported.items():
+        if value != supported:
+            raise ValueError(f"vision_config {key}={value!r}: herd's vision encoder supports only {supported!r}")
+    sizes = {}
+    for key in ("image_size", "patch_size"):
+        value = vc.get(key, 448 if key == "image_size" else 14)
+        if isinstance(value, (list, tuple)):
+            if len(set(value)) != 1:
+                raise ValueError(f"vision_config {key}={value}: herd's vision encoder needs square tiles")
+            value = value[0]
+        sizes[key] = int(value)
+    rope = vc.get("rope_parameters") or {}
+    args = VisionArgs(
+        enabled=True,
+        **sizes,
+        n_channels=vc.get("num_channels", 3),
+        dim=vc.get("hidden_size", 768),
+        n_layers=vc.get("num_hidden_layers", 34),
+        n_heads=vc.get("num_attention_heads", 16),
+        mlp_hidden=vc.get("intermediate_size", 5632),
+        norm_eps=vc.get("norm_eps", 1e-5),
+        rope_theta=float(rope.get("rope_theta", vc.get("rope_theta", 10000.0))),
+        pixel_shuffle_ratio=vc.get("pixel_shuffle_ratio", 0.5),
+        projector_input_dim=vc.get("projector_input_dim", 4096),
+        projector_output_dim=vc.get("projector_output_dim", 4096),
+        vision_output_dim=vc.get("vision_output_dim", 7680),
+        init_std=vc.get("initializer_range", 0.02),
+    ).validate()
+    return _check_hf_vision_layout(args)
+
+
 def args_from_hf_config(cfg: dict) -> ModelArgs:
-    """ModelArgs from a Llama 4 config.json (text config, or the `text_config` of a multimodal one)."""
+    """ModelArgs from a Llama 4 config.json: a text config, or a multimodal one (its `text_config`,
+    and its `vision_config` as an enabled vision encoder when present)."""
+    vision, patch_token_id = VisionArgs(), None
     if cfg.get("model_type") == "llama4" or "text_config" in cfg:
+        if cfg.get("vision_config"):
+            vision = vision_args_from_hf_config(cfg["vision_config"])
+            patch_token_id = cfg.get("image_token_index", cfg.get("image_token_id", 200092))
         cfg = cfg["text_config"]
     if cfg.get("model_type", "llama4_text") != "llama4_text":
         raise ValueError(f"config.json has model_type={cfg.get('model_type')!r}; expected a Llama 4 model")
@@ -67,7 +132,11 @@ def args_from_hf_config(cfg: dict) -> ModelArgs:
         attn_temperature_tuning=bool(cfg.get("attn_temperature_tuning", True)),
         floor_scale=int(cfg.get("floor_scale", 8192)),
         attn_scale=cfg.get("attn_scale", 0.1),
-    ).validate()
+        vision=vision,
+    )
+    if patch_token_id is not None and patch_token_id != args.patch_id:
+        args.patch_token_id = patch_token_id  # only when it differs from the id herd derives
+    args.validate()
     # Explicit layer lists must agree with the interleaving rules herd builds from.
     moe_layers = cfg.get("moe_layers")
     if moe_layers is not None and list(moe_layers) != [i for i in range(n_layers) if args.is_moe_layer(i)]:
@@ -86,7 +155,55 @@ def args_from_hf_config(cfg: dict) -> ModelArgs:
     return args
 
 
+def hf_vision_config_from_args(v: VisionArgs) -> dict:
+    _check_hf_vision_layout(v)
+    return {
+        "model_type": "llama4_vision_model",
+        "hidden_act": "gelu",
+        "image_size": v.image_size,
+        "patch_size": v.patch_size,
+        "num_channels": v.n_channels,
+        "hidden_size": v.dim,
+        "num_hidden_layers": v.n_layers,
+        "num_attention_heads": v.n_heads,
+        "intermediate_size": v.mlp_hidden,
+        "norm_eps": v.norm_eps,
+        "rope_theta": v.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": v.rope_theta},
+        "pixel_shuffle_ratio": v.pixel_shuffle_ratio,
+        "projector_input_dim": v.projector_input_dim,
+        "projector_output_dim": v.projector_output_dim,
+        "vision_output_dim": v.vision_output_dim,
+        "multi_modal_projector_bias": False,
+        "vision_feature_layer": -1,
+        "vision_feature_select_strategy": "default",
+        "initializer_range": v.init_std,
+    }
+
+
 def hf_config_from_args(args: ModelArgs) -> dict:
+    """A Llama4ForCausalLM config.json, or a Llama4ForConditionalGeneration one (the text config
+    under `text_config`) when the model has a vision encoder."""
+    text = hf_text_config_from_args(args)
+    if not args.vision.enabled:
+        return text
+    text.pop("architectures")
+    patch = args.patch_id
+    return {
+        "architectures": ["Llama4ForConditionalGeneration"],
+        "model_type": "llama4",
+        "text_config": text,
+        "vision_config": hf_vision_config_from_args(args.vision),
+        # <|image_start|> and <|image_end|> sit 12 and 11 ids before <|patch|> in Llama 4's specials.
+        "boi_token_index": patch - 12,
+        "eoi_token_index": patch - 11,
+        "image_token_index": patch,
+        "tie_word_embeddings": args.tie_embeddings,
+        "torch_dtype": text["torch_dtype"],
+    }
+
+
+def hf_text_config_from_args(args: ModelArgs) -> dict:
     rope: dict = {"rope_type": "default", "rope_theta": args.rope_theta}
     if args.rope_scaling_factor is not None:
         rope.update(
@@ -140,11 +257,14 @@ def hf_config_from_args(args: ModelArgs) -> dict:
 
 
 def state_dict_from_hf(hf: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
-    """HF Llama 4 names -> herd names. Vision and projector weights are left out."""
+    """HF Llama 4 names -> herd names. Vision and projector weights are converted when the model
+    has a vision encoder (`args.vision.enabled`) and left out otherwise."""
     out: dict[str, torch.Tensor] = {}
+    if args.vision.enabled:
+        out.update({f"vision.{k}": v for k, v in vision_state_dict_from_hf(hf).items()})
     unknown = []
     for name, t in hf.items():
-        if name.startswith(("vision_model.", "multi_modal_projector.")):
+        if name.startswith(_VISION_HF_PREFIXES):
             continue
         name = name.removeprefix("language_model.")
         if name == "model.embed_tokens.weight":
@@ -184,12 +304,16 @@ def state_dict_from_hf(hf: dict[str, torch.Tensor], args: ModelArgs) -> dict[str
 
 
 def state_dict_to_hf(sd: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
-    """herd names -> HF Llama4ForCausalLM names."""
+    """herd names -> HF Llama4ForCausalLM names, or Llama4ForConditionalGeneration names (text
+    under `language_model.`) when the model has a vision encoder."""
     attn = {v: k for k, v in _ATTN.items()}
     mlp = {v: k for k, v in _MLP.items()}
     out: dict[str, torch.Tensor] = {}
     experts: dict[str, dict[str, torch.Tensor]] = {}
+    vision = {k.removeprefix("vision."): v for k, v in sd.items() if k.startswith("vision.")}
     for name, t in sd.items():
+        if name.startswith("vision."):
+            continue
         if name == "tok_embeddings.weight":
             out["model.embed_tokens.weight"] = t
         elif name == "norm.weight":
@@ -219,6 +343,13 @@ def state_dict_to_hf(sd: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, 
     for p, w in experts.items():
         out[p + "feed_forward.experts.gate_up_proj"] = torch.cat((w["w1"], w["w3"]), dim=-1)
         out[p + "feed_forward.experts.down_proj"] = w["w2"]
+    if args.vision.enabled != bool(vision):
+        raise ValueError(
+            f"vision.enabled={args.vision.enabled} but the state dict has {len(vision)} vision.* parameters"
+        )
+    if vision:
+        out = {f"language_model.{k}": v for k, v in out.items()}
+        out.update(vision_state_dict_to_hf(vision))
     return out
 
 
@@ -271,7 +402,8 @@ def from_hf(path_or_state_dict, args: ModelArgs | None = None, dtype: torch.dtyp
 
 
 def to_hf(model: Transformer | dict, out_dir, args: ModelArgs | None = None, dtype: torch.dtype | None = None) -> Path:
-    """Write `model` (or a herd state dict with `args`) as a Hugging Face Llama4ForCausalLM folder."""
+    """Write `model` (or a herd state dict with `args`) as a Hugging Face folder: Llama4ForCausalLM
+    for a text-only model, Llama4ForConditionalGeneration for one with a vision encoder."""
     from safetensors.torch import save_file
 
     if isinstance(model, Transformer):

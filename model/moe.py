@@ -5,6 +5,10 @@ The MoE layer never talks to other processes itself. It hands the tokens it rout
 sorted by expert, to a `TokenDispatcher`; the local one keeps them here, and parallel/ installs
 an all-to-all one for expert parallelism. The experts module computes whatever experts live
 on this rank, one group of rows per expert.
+
+With `load_balance="aux_free"` (DeepSeek-V3) a per-expert bias, kept in a buffer and moved by
+the trainer after each optimizer step, is added to the router logits for choosing experts
+only; the chosen experts' scores remain the sigmoid of the raw logits.
 """
 from __future__ import annotations
 
@@ -22,14 +26,19 @@ class TokenDispatcher:
     """Moves routed tokens to the experts that own them and the results back.
 
     `dispatch(tokens, counts)` takes tokens sorted by global expert id with their per-expert
-    counts and returns (tokens grouped by local expert, counts per local expert, handle);
-    `combine(out, handle)` returns the expert outputs in the original sorted order.
+    counts, starts moving them and returns a handle; `receive(handle)` returns (tokens grouped
+    by local expert, counts per local expert) once they have arrived. The MoE layer computes
+    the shared expert between the two, so that work overlaps the transfer. `combine(out,
+    handle)` returns the expert outputs in the original sorted order.
     """
 
     n_local_experts: int | None = None  # None: all experts are local
 
-    def dispatch(self, tokens: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]:
-        return tokens, counts, None
+    def dispatch(self, tokens: torch.Tensor, counts: torch.Tensor) -> Any:
+        return tokens, counts
+
+    def receive(self, handle: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return handle
 
     def combine(self, out: torch.Tensor, handle: Any) -> torch.Tensor:
         return out
@@ -63,6 +72,11 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         w1, w2, w3 = (_local(w).to(x.dtype) for w in (self.w1, self.w2, self.w3))
+        if x.shape[0] == 0:
+            # With expert parallelism a rank can receive no tokens at all. Its experts must still
+            # get a (zero) gradient, so that gradient reduction and the grad-norm collectives
+            # run the same way on every rank; the empty SwiGLU gives exactly that.
+            return (F.silu(x @ w1[0]) * (x @ w3[0])) @ w2[0]
         if _grouped_mm_supported(x):
             offs = torch.cumsum(counts, 0, dtype=torch.int32)
             x = x.contiguous()
@@ -88,12 +102,21 @@ class MoE(nn.Module):
         self.experts = GroupedExperts(args.n_experts, args.dim, args.expert_hidden)
         self.shared_expert = FeedForward(args.dim, args.expert_hidden) if args.shared_expert else None
         self.dispatcher: TokenDispatcher = LocalDispatcher()
+        # Aux-loss-free balancing: a bias on the logits used only to choose experts. A
+        # persistent buffer, so checkpoints carry it; None (and absent from the state dict)
+        # otherwise, which keeps the Hugging Face names one-to-one.
+        bias = torch.zeros(args.n_experts) if args.load_balance == "aux_free" else None
+        self.register_buffer("expert_bias", bias, persistent=True)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Router logits [N, E], chosen experts [N, k] (top-k of the logits) and their
-        sigmoid scores [N, k]."""
+        """Router logits [N, E], chosen experts [N, k] (top-k of the logits, plus the balancing
+        bias when there is one) and their sigmoid scores [N, k] (of the raw logits)."""
         logits = self.router(x)
-        top_logits, experts = torch.topk(logits, self.top_k, dim=-1)
+        if self.expert_bias is None:
+            top_logits, experts = torch.topk(logits, self.top_k, dim=-1)
+        else:
+            experts = torch.topk(logits.float() + self.expert_bias, self.top_k, dim=-1).indices
+            top_logits = logits.gather(-1, experts)
         scores = torch.sigmoid(top_logits.float()).to(x.dtype)
         return logits, experts, scores
 
@@ -109,13 +132,15 @@ class MoE(nn.Module):
         counts = torch.bincount(flat_experts, minlength=self.n_experts)
         routed = x[token_of] * scores.flatten()[order, None]
 
-        routed, local_counts, handle = self.dispatcher.dispatch(routed, counts)
+        handle = self.dispatcher.dispatch(routed, counts)
+        shared = self.shared_expert(x) if self.shared_expert is not None else None  # overlaps the dispatch
+        routed, local_counts = self.dispatcher.receive(handle)
         routed = self.experts(routed, local_counts)
         routed = self.dispatcher.combine(routed, handle)
 
         out = torch.zeros_like(x).index_add_(0, token_of, routed.to(x.dtype))
-        if self.shared_expert is not None:
-            out = out + self.shared_expert(x)
+        if shared is not None:
+            out = out + shared
         return out.view(shape), self.router_losses(logits, counts), counts.detach()
 
     def router_losses(self, logits: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,7 @@
 """Parameter counts per component, total and active per token (routed experts count top_k of
-n_experts). Works on the meta device, so the largest presets are counted without memory."""
+n_experts). The vision encoder counts in the total but not as active: it runs once per image
+tile, not per text token (Meta's published active counts are the decoder's). Works on the meta
+device, so the largest presets are counted without memory."""
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -15,7 +17,7 @@ def component_of(name: str) -> str:
         return "embedding"
     if name.startswith("output"):
         return "output"
-    if name.startswith("vision"):
+    if name.startswith("vision."):
         return "vision"
     if ".attention." in name:
         return "attention"
@@ -38,5 +40,8 @@ def count_parameters(model: nn.Module) -> "OrderedDict[str, tuple[int, int]]":
         c = component_of(name)
         n = p.numel()
         counts[c][0] += n
-        counts[c][1] += n * args.top_k // args.n_experts if c == "routed experts" else n
+        if c == "routed experts":
+            counts[c][1] += n * args.top_k // args.n_experts
+        elif c != "vision":
+            counts[c][1] += n
     return OrderedDict((c, (t, a)) for c, (t, a) in counts.items() if t)

@@ -1,5 +1,6 @@
-"""The Llama 4 text decoder: embeddings, interleaved dense/MoE blocks with iRoPE attention,
-final norm and output head. Read top to bottom; the pieces live in layers.py and moe.py."""
+"""The Llama 4 model: token embeddings (with image features scattered over the <|patch|> slots
+when the model has a vision encoder), interleaved dense/MoE blocks with iRoPE attention, final
+norm and output head. Read top to bottom; the pieces live in layers.py, moe.py and vision.py."""
 from __future__ import annotations
 
 import math
@@ -10,6 +11,7 @@ from torch import nn
 from .args import ModelArgs
 from .layers import Attention, AttentionMasks, FeedForward, RMSNorm, rope_cos_sin, rope_inv_freq
 from .moe import MoE
+from .vision import VisionEncoder, scatter_image_features
 
 
 class Block(nn.Module):
@@ -45,6 +47,8 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
+        # Early fusion: the encoder maps pixel tiles to rows of text-model width.
+        self.vision = VisionEncoder(args.vision, args.dim) if args.vision.enabled else None
 
     @property
     def moe_layers(self) -> list[int]:
@@ -55,16 +59,28 @@ class Transformer(nn.Module):
         tokens: torch.Tensor,
         positions: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
+        images: torch.Tensor | None = None,
         return_router_stats: bool = False,
     ):
         """tokens [B, T] -> logits [B, T, vocab].
 
         positions [B, T] (default 0..T-1) drive RoPE, chunk boundaries and temperature tuning;
-        doc_ids [B, T] keep packed documents from attending to each other. With
+        doc_ids [B, T] keep packed documents from attending to each other. images
+        [N, 3, image_size, image_size] are the pixel tiles of the batch in the order of their
+        <|patch|> groups (row-major over tokens); each fills tokens_per_tile <|patch|> slots. With
         `return_router_stats`, also returns router losses [2] (aux, z; mean over MoE layers) and
         tokens per expert [n_moe_layers, E]."""
         B, T = tokens.shape
         h = self.tok_embeddings(tokens)
+        if images is not None:
+            if self.vision is None:
+                raise ValueError(
+                    f"images of shape {tuple(images.shape)} given to a model without a vision encoder; "
+                    "set model.vision.enabled=true or leave images out"
+                )
+            # Runs even for zero tiles, so every data-parallel rank calls the encoder each step.
+            features = self.vision(images.to(h.dtype))
+            h = scatter_image_features(h, tokens, features, self.args.patch_id)
         masks = AttentionMasks(T, self.args.attention_chunk_size, positions, doc_ids, tokens.device)
         if positions is None:
             positions = torch.arange(T, device=tokens.device).expand(B, T)
@@ -87,13 +103,20 @@ class Transformer(nn.Module):
     def init_weights(self) -> None:
         """Normal(0, init_std) everywhere; the projections that write into the residual stream
         (attention wo, ffn w2, expert w2) scaled by 1/sqrt(2 * n_layers) so the residual's
-        variance does not grow with depth."""
+        variance does not grow with depth. The vision encoder initialises itself."""
         std = self.args.init_std
         out_std = std / math.sqrt(2 * self.args.n_layers)
         for name, p in self.named_parameters():
+            if name.startswith("vision."):
+                continue
             if p.dim() == 1:
                 nn.init.ones_(p)
             elif name.endswith(("wo.weight", "w2.weight", "experts.w2")):
                 nn.init.normal_(p, std=out_std)
             else:
                 nn.init.normal_(p, std=std)
+        for name, b in self.named_buffers():
+            if name.endswith("expert_bias"):
+                b.zero_()  # aux-free balancing starts unbiased (and meta-built models need a value)
+        if self.vision is not None:
+            self.vision.init_weights()

@@ -17,87 +17,13 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .args import VisionArgs
 from .layers import apply_rope
-
-
-@dataclass
-class VisionArgs:
-    """Sizes of the vision encoder. Defaults are Llama 4 Scout's and Maverick's (identical);
-    `enabled` decides whether a model has one at all."""
-
-    enabled: bool = False
-    image_size: int = 336  # square tile side in pixels
-    patch_size: int = 14
-    n_channels: int = 3
-    dim: int = 1408
-    n_layers: int = 34
-    n_heads: int = 16
-    mlp_hidden: int = 5632
-    norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
-    pixel_shuffle_ratio: float = 0.5  # 0.5: every 2x2 block of patches becomes one token
-    projector_input_dim: int = 4096  # adapter hidden width (HF: projector_input_dim)
-    projector_output_dim: int = 4096  # adapter output width (HF: projector_output_dim)
-    vision_output_dim: int = 4096  # projector input width; must equal projector_output_dim
-    init_std: float = 0.02
-    freeze: bool = False  # no gradients for the encoder and adapter; the projector still trains
-
-    @property
-    def patches_per_side(self) -> int:
-        return self.image_size // self.patch_size
-
-    @property
-    def shuffle_factor(self) -> int:
-        """Patches merged per side by pixel shuffle (2 for ratio 0.5)."""
-        return round(1 / self.pixel_shuffle_ratio)
-
-    @property
-    def tokens_per_tile(self) -> int:
-        return (self.patches_per_side // self.shuffle_factor) ** 2
-
-    def validate(self) -> "VisionArgs":
-        def need(ok: bool, msg: str) -> None:
-            if not ok:
-                raise ValueError(f"vision config: {msg}")
-
-        for name in ("image_size", "patch_size", "n_channels", "dim", "n_layers", "n_heads", "mlp_hidden",
-                     "projector_input_dim", "projector_output_dim", "vision_output_dim"):
-            need(getattr(self, name) > 0, f"{name}={getattr(self, name)} must be positive")
-        need(
-            self.image_size % self.patch_size == 0,
-            f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}",
-        )
-        need(self.dim % self.n_heads == 0, f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
-        need(
-            (self.dim // self.n_heads) % 4 == 0,
-            f"head dim {self.dim // self.n_heads} (dim={self.dim} / n_heads={self.n_heads}) must be a multiple "
-            "of 4: 2D RoPE gives half of each head to the x coordinate and half to y, in rotated pairs",
-        )
-        ratio = self.pixel_shuffle_ratio
-        need(
-            0 < ratio <= 1 and abs(1 / ratio - self.shuffle_factor) < 1e-9,
-            f"pixel_shuffle_ratio={ratio} must be 1/k for a whole number k (0.5 merges 2x2 patches)",
-        )
-        need(
-            self.patches_per_side % self.shuffle_factor == 0,
-            f"pixel_shuffle_ratio={ratio} needs patches per side ({self.patches_per_side} = image_size "
-            f"{self.image_size} / patch_size {self.patch_size}) to be a multiple of {self.shuffle_factor}",
-        )
-        need(
-            self.vision_output_dim == self.projector_output_dim,
-            f"vision_output_dim={self.vision_output_dim} must equal projector_output_dim="
-            f"{self.projector_output_dim}: the projector reads the adapter's output",
-        )
-        need(self.norm_eps > 0, f"norm_eps={self.norm_eps} must be positive")
-        need(self.rope_theta > 0, f"rope_theta={self.rope_theta} must be positive")
-        return self
-
 
 # ---------------------------------------------------------------- 2D rotary embedding
 
@@ -138,7 +64,7 @@ class VisionAttention(nn.Module):
         k = apply_rope(self.wk(x).view(N, S, self.n_heads, self.head_dim), *rope)
         v = self.wv(x).view(N, S, self.n_heads, self.head_dim)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        return self.wo(out.transpose(1, 2).reshape(N, S, -1))
+        return self.wo(out.transpose(1, 2).reshape(N, S, self.n_heads * self.head_dim))
 
 
 class VisionFeedForward(nn.Module):

@@ -1,14 +1,21 @@
-"""Turn a Transformer into a data-parallel one: activation checkpointing, per-block
-torch.compile and FSDP2 (`fully_shard`) per block, applied from outside the model."""
+"""Turn a Transformer into a data-parallel one: expert parallelism, activation checkpointing,
+per-block torch.compile and FSDP2 (`fully_shard`) per block, applied from outside the model.
+
+With parallel.ep > 1, routed experts are first split over `ep` (parallel/expert.py), then
+FSDP-sharded over `dp_shard_mod_ep` (x `dp_replicate`); everything else is FSDP-sharded over all
+of dp_shard as without EP.
+"""
 from __future__ import annotations
 
 import torch
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import Shard
 
-from model import Transformer
+from model import MoE, Transformer
 
+from .expert import AllToAllDispatcher, apply_expert_parallel, exchange_replay_contexts
 from .mesh import Meshes
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -24,9 +31,17 @@ def parallelize_model(
     compile: bool = False,
     device_type: str = "cpu",
 ) -> Transformer:
+    expert_parallel = meshes is not None and meshes.experts is not None
+    if expert_parallel:
+        apply_expert_parallel(model, meshes.experts["ep"])
     for key, block in list(model.layers.items()):
         if activation_checkpointing:
-            block = checkpoint_wrapper(block, preserve_rng_state=False)
+            # With EP, the recomputation in backward reuses the forward's all-to-all outputs
+            # instead of exchanging tokens again; everything else is recomputed as usual.
+            dispatchers = [m.dispatcher for m in block.modules()
+                           if isinstance(m, MoE) and isinstance(m.dispatcher, AllToAllDispatcher)]
+            replay = {"context_fn": exchange_replay_contexts(dispatchers)} if dispatchers else {}
+            block = checkpoint_wrapper(block, preserve_rng_state=False, **replay)
         if compile:
             block.compile()
         model.layers[key] = block
@@ -38,11 +53,32 @@ def parallelize_model(
     mp = MixedPrecisionPolicy(param_dtype=_DTYPES[param_dtype], reduce_dtype=_DTYPES[reduce_dtype])
     dp_mesh = meshes.dense
     for block in model.layers.values():
+        if expert_parallel and isinstance(moe := unwrap_block(block).feed_forward, MoE):
+            _shard_experts(moe, meshes, mp, device_type)
         fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=True)
     # The root holds embeddings, final norm and output; it does not reshard after forward
     # because backward needs the output weight straight away.
     fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=False)
     return model
+
+
+def _shard_experts(moe: MoE, meshes: Meshes, mp: MixedPrecisionPolicy, device_type: str) -> None:
+    """FSDP over the ranks that hold the same experts: dp_shard_mod_ep (x dp_replicate)."""
+    dp_rep, shard_mod_ep, ep = meshes.shape
+    mesh = meshes.experts["dp_replicate", "dp_shard_mod_ep"] if dp_rep > 1 else meshes.experts["dp_shard_mod_ep"]
+    # EP already splits dim 0 (experts); when there are fewer local experts than FSDP ranks,
+    # shard the hidden dim instead so no rank holds only padding.
+    placement = None if moe.n_experts // ep >= shard_mod_ep else (lambda p: Shard(1))
+    fully_shard(moe.experts, mesh=mesh, mp_policy=mp, reshard_after_forward=True, shard_placement_fn=placement)
+    # The loss is scaled for averaging over all dp ranks, and each rank's expert gradients
+    # already hold the contributions of its whole ep group (they arrived by all-to-all).
+    # Reducing over the dp_shard_mod_ep x dp_replicate ranks and dividing by the full dp size
+    # therefore gives the same gradient as one process: not dividing by ep would overcount ep x.
+    moe.experts.set_gradient_divide_factor(float(dp_rep * shard_mod_ep * ep))
+    if device_type == "cpu" and shard_mod_ep > 1:
+        # gloo has no pre-multiplied sum: reduce with a plain sum and divide after. (Not with a
+        # single FSDP rank, where FSDP skips the reduce-scatter and already divides once.)
+        moe.experts.set_force_sum_reduction_for_comms(True)
 
 
 def unwrap_block(block: nn.Module) -> nn.Module:

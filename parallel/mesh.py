@@ -91,4 +91,7 @@ def build_mesh(env: Distributed, dp_shard: int, dp_replicate: int, ep: int, n_ex
     experts = None
     if ep > 1:
         experts = init_device_mesh(env.device.type, shape, mesh_dim_names=("dp_replicate", "dp_shard_mod_ep", "ep"))
+        # Expert gradients are DTensors over dp_shard_mod_ep x ep: with the two dimensions also
+        # available as one, their norm is a single all-reduce, bitwise the same on every rank.
+        experts["dp_shard_mod_ep", "ep"]._flatten("dp_shard_in_ep")
     return Meshes(dense, experts, shape)

@@ -49,7 +49,10 @@ def latest_checkpoint(run_dir: str) -> str | None:
     return found[-1] if found else None
 
 
-def save_checkpoint(run_dir: str, step: int, model, optimizer, train_state: dict, keep: int, is_main: bool) -> str:
+def save_checkpoint(run_dir: str, step: int, model, optimizer, train_state: dict, keep: int, is_main: bool,
+                    rank_state: dict | None = None, rank: int = 0) -> str:
+    """`train_state` is the same on every rank (rank 0 writes it); `rank_state` is each rank's
+    own (its data loader's position), written as rank-XXXXX.json."""
     final = checkpoint_dir(run_dir, step)
     tmp = final + ".tmp"
     if is_main and os.path.exists(tmp):
@@ -57,6 +60,9 @@ def save_checkpoint(run_dir: str, step: int, model, optimizer, train_state: dict
     _barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+    if rank_state is not None:
+        with open(os.path.join(tmp, f"rank-{rank:05d}.json"), "w") as f:
+            json.dump(rank_state, f)
     _barrier()
     if is_main:
         with open(os.path.join(tmp, "train_state.json"), "w") as f:
@@ -69,6 +75,15 @@ def save_checkpoint(run_dir: str, step: int, model, optimizer, train_state: dict
         log.info(f"saved checkpoint {final}")
     _barrier()
     return final
+
+
+def load_rank_state(path: str, rank: int) -> dict | None:
+    """This rank's own saved state, or None when the checkpoint was written by fewer ranks."""
+    f = os.path.join(path, f"rank-{rank:05d}.json")
+    if not os.path.isfile(f):
+        return None
+    with open(f) as fh:
+        return json.load(fh)
 
 
 def has_train_state(path: str) -> bool:

@@ -55,9 +55,19 @@ class ParallelConfig:
 
 @dataclass
 class DataConfig:
-    kind: str = "text"  # text: a local text file, tokenized by bytes and packed
-    path: str | None = None  # text file; None: the English text of Python's pydoc topics
-    urls: str | None = None  # webdataset shards (directory, brace pattern or pipe: command)
+    kind: str = "shards"  # shards: webdataset shards through the early-fusion tokenizer | text
+    urls: str | None = "sample"  # directory, brace pattern or pipe: command; "sample": the built-in set
+    tokenizer: str = "tiny"  # "tiny" (shipped, vocab 4352) or a tiktoken-format tokenizer.model
+    num_workers: int = 2  # loader processes per rank (0: in the training process)
+    shuffle: bool = True
+    shuffle_buffer: int = 64
+    resample: bool = False  # draw shards with replacement (no epochs)
+    reset_positions: bool = True  # positions restart at 0 for every packed document
+    max_tiles: int = 16  # tiles per image (plus a global view)
+    video_fps: float = 1.0
+    video_max_frames: int = 8
+    max_image_pixels: int = 50_000_000  # decompression-bomb limit, checked before decoding
+    path: str | None = None  # kind=text: a text file; None: the English text of Python's pydoc topics
 
 
 @dataclass
@@ -78,6 +88,7 @@ class WandbConfig:
 @dataclass
 class LoggingConfig:
     interval: int = 1  # steps between metrics.jsonl lines and console lines
+    expert_table_interval: int = 100  # steps between full tokens-per-expert tables (expert_counts); 0: never
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -132,8 +143,12 @@ def validate(cfg: PretrainConfig) -> None:
     _choice("parallel.reduce_dtype", p.reduce_dtype, ("float32", "bfloat16"))
     need(p.ep >= 1, f"parallel.ep={p.ep} must be >= 1")
     need(p.dp_replicate >= 1, f"parallel.dp_replicate={p.dp_replicate} must be >= 1")
-    _choice("data.kind", cfg.data.kind, ("text",))
+    _choice("data.kind", cfg.data.kind, ("shards", "text"))
+    need(cfg.data.kind != "shards" or bool(cfg.data.urls), "data.urls must name shards when data.kind=shards")
+    need(cfg.data.num_workers >= 0, f"data.num_workers={cfg.data.num_workers} must be >= 0")
     need(cfg.checkpoint.interval >= 0, f"checkpoint.interval={cfg.checkpoint.interval} must be >= 0")
     need(cfg.checkpoint.keep >= 1, f"checkpoint.keep={cfg.checkpoint.keep} must be >= 1")
     need(cfg.logging.interval >= 1, f"logging.interval={cfg.logging.interval} must be >= 1")
+    need(cfg.logging.expert_table_interval >= 0,
+         f"logging.expert_table_interval={cfg.logging.expert_table_interval} must be >= 0")
     _choice("logging.wandb.mode", cfg.logging.wandb.mode, ("online", "offline", "disabled"))

@@ -18,12 +18,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from data.text import TextBatches
 from model import ModelArgs, Transformer
 from model.params import count_parameters
-from parallel import build_mesh, init_distributed, parallelize_model
+from parallel import build_mesh, clip_grad_norm_, init_distributed, parallelize_model
 
-from .checkpoint import has_train_state, latest_checkpoint, load_checkpoint, save_checkpoint
+from .balance import expert_metrics, moe_layers, update_expert_bias
+from .checkpoint import has_train_state, latest_checkpoint, load_checkpoint, load_rank_state, save_checkpoint
+from .data import build_data
 from .config import validate
 from .metrics import MetricsWriter, flops_per_token, peak_flops
 from .optim import build_optimizer, build_scheduler
@@ -36,10 +37,27 @@ log = logging.getLogger("herd")
 _FULL_INIT_MAX_PARAMS = 2_000_000_000
 
 
-def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+def _all_reduce_sum(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Sum over ranks; the tensor travels on the training device (NCCL reduces only there)."""
     if dist.is_initialized():
-        dist.all_reduce(t)
+        on_device = t.to(device)
+        dist.all_reduce(on_device)
+        return on_device.to(t.device)
     return t
+
+
+def _restore_data(data, state: dict | None, rank: int) -> None:
+    """Put the loader back where the checkpoint left it. A checkpoint from another layout has no
+    state for this rank's stream: the data then restarts from its seed, and the log says so."""
+    if state is None:
+        log.warning(f"rank {rank}: the checkpoint holds no data-loader state for this rank (saved with another "
+                    "world size); the data stream restarts from its seed")
+        return
+    try:
+        data.load_state_dict(state)
+    except ValueError as e:
+        log.warning(f"rank {rank}: data-loader state does not fit this run ({e}); the data stream restarts "
+                    "from its seed")
 
 
 def build_model(args: ModelArgs, device: torch.device, seed: int) -> Transformer:
@@ -61,8 +79,6 @@ def train(cfg) -> list[dict]:
     t, p = cfg.train, cfg.parallel
     env = init_distributed(t.device, p.backend, p.timeout_s)
     meshes = build_mesh(env, p.dp_shard, p.dp_replicate, p.ep, args.n_experts)
-    if p.ep > 1:
-        raise NotImplementedError("parallel.ep > 1 (expert parallelism) is not available yet; use parallel.ep=1")
     run_dir = cfg.run.dir
     if env.is_main:
         os.makedirs(run_dir, exist_ok=True)
@@ -87,7 +103,8 @@ def train(cfg) -> list[dict]:
 
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, t.steps, cfg.optim)
-    data = TextBatches(cfg.data.path, t.seq_len, t.batch_size, args.vocab_size, env.rank, env.world_size, t.seed)
+    data = build_data(cfg.data, args.vocab_size, t.seq_len, t.batch_size, env.rank, env.world_size, t.seed)
+    batches = iter(data)
 
     step, tokens_seen = 0, 0
     # A rerun continues this run's own latest checkpoint; checkpoint.load only seeds a new run.
@@ -102,7 +119,8 @@ def train(cfg) -> list[dict]:
         state = load_checkpoint(source, model, optimizer)
         step, tokens_seen = int(state["step"]), int(state["tokens"])
         scheduler.load_state_dict(state["scheduler"])
-        data.load_state_dict(state["data"])
+        rank_state = load_rank_state(source, env.rank)
+        _restore_data(data, rank_state["data"] if rank_state else None, env.rank)
         if env.is_main:
             log.info(f"resumed from {source} at step {step}")
 
@@ -112,32 +130,48 @@ def train(cfg) -> list[dict]:
     peak = peak_flops(env.device)
     flops_tok = flops_per_token(args, t.seq_len, active_no_embed)
     rows: list[dict] = []
+    moes = moe_layers(model)
+    aux_free = args.load_balance == "aux_free" and bool(moes)
+    table_every = cfg.logging.expert_table_interval
     model.train()
     warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 
     def save() -> None:
-        state = {"step": step, "tokens": tokens_seen, "scheduler": scheduler.state_dict(), "data": data.state_dict()}
-        save_checkpoint(run_dir, step, model, optimizer, state, cfg.checkpoint.keep, env.is_main)
+        state = {"step": step, "tokens": tokens_seen, "scheduler": scheduler.state_dict()}
+        save_checkpoint(run_dir, step, model, optimizer, state, cfg.checkpoint.keep, env.is_main,
+                        rank_state={"data": data.state_dict()}, rank=env.rank)
 
     while step < t.steps:
         t0 = time.perf_counter()
-        micro = [next(data) for _ in range(t.grad_accum)]
-        n_targets = _all_reduce_sum(torch.tensor(float(sum((b["labels"] != -100).sum() for b in micro))))
-        sums = torch.zeros(3)  # summed CE, router aux, router z over micro-batches
+        micro = [next(batches) for _ in range(t.grad_accum)]
+        n_targets = _all_reduce_sum(torch.tensor(float(sum((b["labels"] != -100).sum() for b in micro))), env.device)
+        # Summed CE, router aux, router z and routed token slots over micro-batches; float64 counts
+        # slots exactly at any scale.
+        sums = torch.zeros(4, dtype=torch.float64)
+        skipped: dict = {}
+        expert_counts = torch.zeros(len(moes), args.n_experts, dtype=torch.long)  # tokens per expert, this step
         for b in micro:
             tokens, labels = b["tokens"].to(env.device), b["labels"].to(env.device)
+            extra = {k: b[k].to(env.device) for k in ("positions", "doc_ids") if k in b}
+            if args.vision.enabled:
+                # Every rank runs the encoder every step (an empty batch of tiles when a batch has
+                # no images) so that FSDP's collectives and the optimizer state stay uniform.
+                size = args.vision.image_size
+                extra["images"] = b.get("images", torch.empty(0, 3, size, size)).to(env.device)
             with autocast():
-                logits, router, _ = model(tokens, return_router_stats=True)
+                logits, router, layer_counts = model(tokens, **extra, return_router_stats=True)
             ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
             router = router.float()
             loss = (ce * env.world_size / n_targets
-                    + (args.router_aux_loss_coef * router[0] + args.router_z_loss_coef * router[1]) / t.grad_accum)
+                    + (args.aux_loss_weight * router[0] + args.router_z_loss_coef * router[1]) / t.grad_accum)
             loss.backward()
-            sums += torch.stack((ce.detach().cpu(), router[0].detach().cpu() / t.grad_accum,
-                                 router[1].detach().cpu() / t.grad_accum))
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm if t.max_grad_norm > 0 else math.inf)
-        if hasattr(grad_norm, "full_tensor"):
-            grad_norm = grad_norm.full_tensor()
+            sums += torch.stack((ce.detach().cpu().double(), router[0].detach().cpu().double() / t.grad_accum,
+                                 router[1].detach().cpu().double() / t.grad_accum,
+                                 torch.tensor(float(tokens.numel() * args.top_k), dtype=torch.float64)))
+            expert_counts += layer_counts.cpu()
+            skipped = b.get("skipped", skipped)
+        # Dense and expert gradients live on different meshes under EP: clip_grad_norm_ combines them.
+        grad_norm = clip_grad_norm_(model.parameters(), t.max_grad_norm if t.max_grad_norm > 0 else math.inf)
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
@@ -146,13 +180,29 @@ def train(cfg) -> list[dict]:
         step_tokens = int(n_targets.item())
         tokens_seen += step_tokens
 
-        if step % cfg.logging.interval == 0 or step == t.steps:
-            sums = _all_reduce_sum(sums)
+        table_now = bool(moes) and table_every > 0 and step % table_every == 0
+        log_now = step % cfg.logging.interval == 0 or step == t.steps or table_now
+        if aux_free or (log_now and moes):
+            expert_counts = _all_reduce_sum(expert_counts, env.device)  # the whole dp world's routing
+        if aux_free:
+            update_expert_bias(moes, expert_counts, args.aux_free_bias_update_rate)
+
+        if log_now:
+            sums = _all_reduce_sum(sums, env.device)
             dt = time.perf_counter() - t0
             row = {"step": step, "loss": (sums[0] / n_targets).item(), "lr": lr,
                    "grad_norm": float(grad_norm), "tokens_per_s": step_tokens / dt, "tokens": tokens_seen,
                    "router_aux": (sums[1] / env.world_size).item(), "router_z": (sums[2] / env.world_size).item(),
                    "step_time_s": dt}
+            if moes:
+                row.update(expert_metrics(expert_counts, model.moe_layers, int(sums[3])))
+            if skipped:  # corrupt or unreadable samples, counted since the start of each rank's stream
+                names = sorted(skipped)
+                totals = _all_reduce_sum(torch.tensor([float(skipped[k]) for k in names]), env.device)
+                row["data/skipped"] = int(totals.sum())
+                row.update({f"data/skipped/{k}": int(v) for k, v in zip(names, totals) if v})
+            if table_now:
+                row["expert_counts"] = expert_counts.tolist()  # [MoE layer (ascending)][expert]
             if peak:
                 row["mfu"] = flops_tok * step_tokens / dt / (peak * env.world_size)
                 row["memory_gib"] = torch.cuda.max_memory_allocated(env.device) / 2**30

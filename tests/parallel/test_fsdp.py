@@ -5,7 +5,7 @@ import pytest
 from tests.helpers import compose, run_ranks
 
 STEPS = 6
-COMMON = ["+model=tiny", f"train.steps={STEPS}", "train.seq_len=128", "optim.lr=3e-3", "optim.warmup_steps=2",
+COMMON = ["+model=tiny", "data=text", f"train.steps={STEPS}", "train.seq_len=128", "optim.lr=3e-3", "optim.warmup_steps=2",
           # The switch aux loss is computed per rank (as in Switch/GShard), a nonlinear function of
           # the local batch, so it is off here; the z-loss is a plain mean and stays on.
           "model.router_aux_loss_coef=0", "model.router_z_loss_coef=0.001"]

@@ -28,10 +28,12 @@ def test_checkpoint_to_hf_and_back(tmp_path):
     args = ModelArgs(**OmegaConf.to_container(OmegaConf.load(tmp_path / "run/config.yaml").model))
     herd = Transformer(args)
     load_checkpoint(str(ckpt), herd)
-    hf = transformers.Llama4ForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
+    # the tiny preset has a vision encoder, so the folder is a Llama4ForConditionalGeneration
+    hf = transformers.Llama4ForConditionalGeneration.from_pretrained(tmp_path / "hf", attn_implementation="eager")
+    hf.eval()
     tokens = torch.randint(0, args.vocab_size, (1, 100))  # longer than the 64-token chunk
     with torch.no_grad():
-        ref, out = hf(tokens).logits, herd(tokens)
+        ref, out = hf(input_ids=tokens).logits, herd(tokens)
     assert ((out - ref).abs().max() / ref.abs().max()) < 1e-5
 
     # HF folder -> herd checkpoint -> a new run starts from those weights
