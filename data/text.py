@@ -60,6 +60,7 @@ class TextBatches:
         self.inputs = data[:-1].view(n_rows, seq_len)
         self.targets = data[1:].view(n_rows, seq_len)
         self.batch_size, self.rank, self.seed = batch_size, rank, seed
+        self.state_is_global = True  # every rank holds the same position: any layout resumes from it
         self.batches_per_epoch = n_rows // self.global_batch
         self.epoch, self.cursor = 0, 0
         self.tokens = n_rows * seq_len

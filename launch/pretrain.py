@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from train.config import register_configs  # noqa: E402
+from train.faults import CollectiveError  # noqa: E402
 from train.loop import train  # noqa: E402
 
 register_configs()
@@ -29,11 +30,14 @@ def main(cfg: DictConfig) -> None:
     logging.getLogger("herd").setLevel(logging.INFO if rank == 0 else logging.WARNING)
     try:
         train(cfg)
-    except (ValueError, FileNotFoundError, NotImplementedError) as e:
-        # A user's mistake: one line that names it, not a traceback per rank.
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+        # A user's mistake or a diverged run: one line that names it, not a traceback per rank.
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    except CollectiveError as e:  # names its own rank: every rank reports
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(3) from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -49,32 +49,68 @@ def latest_checkpoint(run_dir: str) -> str | None:
     return found[-1] if found else None
 
 
-def save_checkpoint(run_dir: str, step: int, model, optimizer, train_state: dict, keep: int, is_main: bool,
-                    rank_state: dict | None = None, rank: int = 0) -> str:
-    """`train_state` is the same on every rank (rank 0 writes it); `rank_state` is each rank's
-    own (its data loader's position), written as rank-XXXXX.json."""
-    final = checkpoint_dir(run_dir, step)
-    tmp = final + ".tmp"
-    if is_main and os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    _barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
-    if rank_state is not None:
-        with open(os.path.join(tmp, f"rank-{rank:05d}.json"), "w") as f:
-            json.dump(rank_state, f)
-    _barrier()
-    if is_main:
-        with open(os.path.join(tmp, "train_state.json"), "w") as f:
-            json.dump(train_state, f, indent=1)
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in list_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-        log.info(f"saved checkpoint {final}")
-    _barrier()
-    return final
+class Checkpointer:
+    """Writes checkpoints atomically: every rank writes its shards into step-XXXXXXXX.tmp, and
+    only when all have finished does rank 0 add train_state.json and rename the directory. With
+    `async_save`, the shards are written in the background and the rename happens when the
+    next checkpoint starts or at `wait()`."""
+
+    def __init__(self, run_dir: str, keep: int, rank: int, async_save: bool = False, before_rename=None):
+        self.run_dir, self.keep, self.rank, self.async_save = run_dir, keep, rank, async_save
+        self.before_rename = before_rename  # fault injection: called with the step before the rename
+        self._pending = None  # (future, tmp, final, step, train_state)
+        # Background writes coordinate on their own gloo group, never on the group training uses.
+        self._group = dist.new_group(backend="gloo") if async_save and dist.is_initialized() else None
+        if rank == 0:  # a .tmp directory is a checkpoint some crash interrupted: never complete
+            root = os.path.join(run_dir, "checkpoints")
+            for d in os.listdir(root) if os.path.isdir(root) else []:
+                if d.endswith(".tmp"):
+                    shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+
+    def save(self, step: int, model, optimizer, train_state: dict, rank_state: dict | None = None) -> str:
+        self.wait()
+        final = checkpoint_dir(self.run_dir, step)
+        tmp = final + ".tmp"
+        if self.rank == 0 and os.path.exists(tmp):
+            shutil.rmtree(tmp)
+        _barrier()
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        if self.async_save:
+            future = dcp.async_save(state, checkpoint_id=tmp, process_group=self._group)
+        else:
+            dcp.save(state, checkpoint_id=tmp)
+            future = None
+        if rank_state is not None:
+            os.makedirs(tmp, exist_ok=True)
+            with open(os.path.join(tmp, f"rank-{self.rank:05d}.json"), "w") as f:
+                json.dump(rank_state, f)
+        self._pending = (future, tmp, final, step, train_state)
+        if not self.async_save:
+            self.wait()
+        return final
+
+    def wait(self) -> None:
+        """Finish the pending checkpoint: all ranks done writing, then the atomic rename."""
+        if self._pending is None:
+            return
+        future, tmp, final, step, train_state = self._pending
+        self._pending = None
+        if future is not None:
+            future.result()
+        _barrier()
+        if self.before_rename is not None:
+            self.before_rename(step)
+        if self.rank == 0:
+            with open(os.path.join(tmp, "train_state.json"), "w") as f:
+                json.dump(train_state, f, indent=1)
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            for old in list_checkpoints(self.run_dir)[:-self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+            log.info(f"saved checkpoint {final}")
+        _barrier()
 
 
 def load_rank_state(path: str, rank: int) -> dict | None:

@@ -26,6 +26,19 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # 0 disables clipping (the norm is still logged)
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU | fp32 | bf16
+    max_nonfinite_in_row: int = 3  # skip a step with a non-finite loss or grad norm; stop after this many in a row
+    faults: "FaultsConfig" = field(default_factory=lambda: FaultsConfig())
+
+
+@dataclass
+class FaultsConfig:
+    """Deliberate faults that tests use to prove the recovery paths; leave them alone."""
+
+    nan_steps: list[int] = field(default_factory=list)  # make the loss non-finite at these steps
+    hang_rank: int = -1  # this rank sleeps hang_seconds before step hang_step
+    hang_step: int = -1
+    hang_seconds: float = 0.0
+    crash_in_save_step: int = -1  # exit abruptly while writing this step's checkpoint
 
 
 @dataclass
@@ -77,12 +90,18 @@ class CheckpointConfig:
     load: str | None = None  # start a new run from this checkpoint (another run's, or converted from HF)
     weights_only: bool = False  # with load: take the weights only (fresh optimizer, step 0)
     resume: bool = True  # a rerun continues from the latest checkpoint in run.dir
+    async_save: bool = False  # write checkpoints in the background while training goes on
+    export_hf: str | None = None  # at the end, also write the weights as a Hugging Face folder here
 
 
 @dataclass
 class WandbConfig:
-    mode: str = "disabled"  # online | offline | disabled
+    mode: str = "offline"  # offline: files in ${run.dir}/wandb for `wandb sync` | online | disabled
     project: str = "herd"
+    entity: str | None = None  # team or user; None: the account's default
+    name: str | None = None  # display name; None: the last component of run.dir
+    group: str | None = None  # e.g. one group per sweep
+    tags: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -129,6 +148,7 @@ def validate(cfg: PretrainConfig) -> None:
     for key in ("steps", "batch_size", "grad_accum", "seq_len"):
         need(getattr(t, key) > 0, f"train.{key}={getattr(t, key)} must be positive")
     need(t.max_grad_norm >= 0, f"train.max_grad_norm={t.max_grad_norm} must be >= 0")
+    need(t.max_nonfinite_in_row >= 0, f"train.max_nonfinite_in_row={t.max_nonfinite_in_row} must be >= 0")
     _choice("train.device", t.device, ("auto", "cpu", "cuda"))
     _choice("train.dtype", t.dtype, ("auto", "fp32", "bf16"))
     need(t.seq_len <= cfg.model.max_seq_len,

@@ -23,8 +23,9 @@ from model.params import count_parameters
 from parallel import build_mesh, clip_grad_norm_, init_distributed, parallelize_model
 
 from .balance import expert_metrics, moe_layers, update_expert_bias
-from .checkpoint import has_train_state, latest_checkpoint, load_checkpoint, load_rank_state, save_checkpoint
+from .checkpoint import Checkpointer, has_train_state, latest_checkpoint, load_checkpoint, load_rank_state
 from .data import build_data
+from .faults import FaultInjector, StopRequest, phase, requeue_slurm_job
 from .config import validate
 from .metrics import MetricsWriter, flops_per_token, peak_flops
 from .optim import build_optimizer, build_scheduler
@@ -46,9 +47,15 @@ def _all_reduce_sum(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t
 
 
-def _restore_data(data, state: dict | None, rank: int) -> None:
-    """Put the loader back where the checkpoint left it. A checkpoint from another layout has no
-    state for this rank's stream: the data then restarts from its seed, and the log says so."""
+def _restore_data(data, source: str, rank: int) -> None:
+    """Put the loader back where the checkpoint left it. A source whose position is the same on
+    every rank (the text source) resumes from rank 0's state in any layout; a sharded stream
+    saved with another world size has no state for this rank and restarts from its seed, and
+    the log says so."""
+    saved = load_rank_state(source, rank)
+    if saved is None and getattr(data, "state_is_global", False):
+        saved = load_rank_state(source, 0)
+    state = saved["data"] if saved else None
     if state is None:
         log.warning(f"rank {rank}: the checkpoint holds no data-loader state for this rank (saved with another "
                     "world size); the data stream restarts from its seed")
@@ -119,8 +126,7 @@ def train(cfg) -> list[dict]:
         state = load_checkpoint(source, model, optimizer)
         step, tokens_seen = int(state["step"]), int(state["tokens"])
         scheduler.load_state_dict(state["scheduler"])
-        rank_state = load_rank_state(source, env.rank)
-        _restore_data(data, rank_state["data"] if rank_state else None, env.rank)
+        _restore_data(data, source, env.rank)
         if env.is_main:
             log.info(f"resumed from {source} at step {step}")
 
@@ -136,15 +142,24 @@ def train(cfg) -> list[dict]:
     model.train()
     warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 
+    faults = FaultInjector(t.faults, env.rank)
+    checkpointer = Checkpointer(run_dir, cfg.checkpoint.keep, env.rank, cfg.checkpoint.async_save,
+                                before_rename=faults.crash_in_save)
+    stop = StopRequest()
+    nonfinite_in_row = 0
+
     def save() -> None:
-        state = {"step": step, "tokens": tokens_seen, "scheduler": scheduler.state_dict()}
-        save_checkpoint(run_dir, step, model, optimizer, state, cfg.checkpoint.keep, env.is_main,
-                        rank_state={"data": data.state_dict()}, rank=env.rank)
+        with phase("checkpoint save", env.rank, step):
+            state = {"step": step, "tokens": tokens_seen, "scheduler": scheduler.state_dict()}
+            checkpointer.save(step, model, optimizer, state, rank_state={"data": data.state_dict()})
 
     while step < t.steps:
         t0 = time.perf_counter()
+        faults.maybe_hang(step + 1)
         micro = [next(batches) for _ in range(t.grad_accum)]
-        n_targets = _all_reduce_sum(torch.tensor(float(sum((b["labels"] != -100).sum() for b in micro))), env.device)
+        with phase("counting targets (all-reduce)", env.rank, step + 1):
+            n_targets = _all_reduce_sum(torch.tensor(float(sum((b["labels"] != -100).sum() for b in micro))),
+                                        env.device)
         # Summed CE, router aux, router z and routed token slots over micro-batches; float64 counts
         # slots exactly at any scale.
         sums = torch.zeros(4, dtype=torch.float64)
@@ -158,21 +173,43 @@ def train(cfg) -> list[dict]:
                 # no images) so that FSDP's collectives and the optimizer state stay uniform.
                 size = args.vision.image_size
                 extra["images"] = b.get("images", torch.empty(0, 3, size, size)).to(env.device)
-            with autocast():
-                logits, router, layer_counts = model(tokens, **extra, return_router_stats=True)
-            ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
-            router = router.float()
-            loss = (ce * env.world_size / n_targets
-                    + (args.aux_loss_weight * router[0] + args.router_z_loss_coef * router[1]) / t.grad_accum)
-            loss.backward()
+            with phase("forward/backward (FSDP and expert collectives)", env.rank, step + 1):
+                with autocast():
+                    logits, router, layer_counts = model(tokens, **extra, return_router_stats=True)
+                ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
+                                     reduction="sum")
+                ce = faults.loss(ce, step + 1)
+                router = router.float()
+                loss = (ce * env.world_size / n_targets
+                        + (args.aux_loss_weight * router[0] + args.router_z_loss_coef * router[1]) / t.grad_accum)
+                loss.backward()
             sums += torch.stack((ce.detach().cpu().double(), router[0].detach().cpu().double() / t.grad_accum,
                                  router[1].detach().cpu().double() / t.grad_accum,
                                  torch.tensor(float(tokens.numel() * args.top_k), dtype=torch.float64)))
             expert_counts += layer_counts.cpu()
             skipped = b.get("skipped", skipped)
         # Dense and expert gradients live on different meshes under EP: clip_grad_norm_ combines them.
-        grad_norm = clip_grad_norm_(model.parameters(), t.max_grad_norm if t.max_grad_norm > 0 else math.inf)
+        with phase("gradient norm (all-reduce)", env.rank, step + 1):
+            grad_norm = clip_grad_norm_(model.parameters(), t.max_grad_norm if t.max_grad_norm > 0 else math.inf)
         lr = scheduler.get_last_lr()[0]
+        # The norm is global, so every rank takes the same decision. A non-finite step changes
+        # nothing (no update, no schedule step): the weights, and so every checkpoint, stay finite.
+        if not math.isfinite(float(grad_norm)):
+            optimizer.zero_grad(set_to_none=True)
+            nonfinite_in_row += 1
+            if env.is_main:
+                log.warning(f"step {step + 1}: non-finite loss or gradient norm; step skipped "
+                            f"({nonfinite_in_row} in a row, at most {t.max_nonfinite_in_row})")
+            if nonfinite_in_row > t.max_nonfinite_in_row:
+                checkpointer.wait()
+                last = latest_checkpoint(run_dir)
+                raise FloatingPointError(
+                    f"{nonfinite_in_row} steps in a row had a non-finite loss or gradient norm (last at step "
+                    f"{step + 1}); stopping. The last checkpoint ({last or 'none'}) holds finite weights; lower "
+                    "optim.lr or inspect the data, then rerun to resume from it")
+            metrics.write_event({"step": step + 1, "nonfinite_skipped": nonfinite_in_row})
+            continue
+        nonfinite_in_row = 0
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -208,8 +245,49 @@ def train(cfg) -> list[dict]:
                 row["memory_gib"] = torch.cuda.max_memory_allocated(env.device) / 2**30
             metrics.write(row)
             rows.append(row)
+        if stop.agreed(env.device):
+            if env.is_main:
+                log.warning(f"stop signal received: saving a checkpoint at step {step} and exiting")
+            save()
+            checkpointer.wait()
+            requeue_slurm_job() if env.is_main else None
+            stop.restore()
+            metrics.close()
+            return rows
         if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0 and step < t.steps:
             save()
     save()
+    checkpointer.wait()
+    stop.restore()
+    if cfg.checkpoint.export_hf and env.is_main:
+        export_hf(run_dir, cfg.checkpoint.export_hf)
+    _barrier()
     metrics.close()
     return rows
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def export_hf(run_dir: str, out: str) -> None:
+    """Write the final checkpoint's weights as a Hugging Face folder (rank 0, one process)."""
+    from model.hf import to_hf
+
+    path = latest_checkpoint(run_dir)
+    args = _model_args_of_run(run_dir)
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.to_empty(device="cpu")
+    import torch.distributed.checkpoint as dcp
+
+    state = {"model": model.state_dict()}
+    dcp.load(state, checkpoint_id=path, no_dist=True)
+    model.load_state_dict(state["model"])
+    to_hf(model, out)
+    log.info(f"exported {path} to {out} (Hugging Face format)")
+
+
+def _model_args_of_run(run_dir: str) -> ModelArgs:
+    return ModelArgs(**OmegaConf.to_container(OmegaConf.load(os.path.join(run_dir, "config.yaml")).model, resolve=True))

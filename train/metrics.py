@@ -51,6 +51,12 @@ class MetricsWriter:
             line += f" | mfu {row['mfu']:.1%}"
         log.info(line)
 
+    def write_event(self, row: dict) -> None:
+        """A line that is not a step's metrics (a skipped step, for instance)."""
+        if self.is_main:
+            self._f.write(json.dumps(row) + "\n")
+            self._f.flush()
+
     def close(self) -> None:
         if self._f:
             self._f.close()

@@ -1,0 +1,101 @@
+"""What keeps a run alive on a shared cluster: preemption signals agreed on at step boundaries,
+Slurm requeue, readable errors from failed collectives, and fault injection for the tests that
+prove all of it."""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import time
+from collections import Counter
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("herd")
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
+
+
+class StopRequest:
+    """SIGTERM and SIGUSR2 only set a flag; the loop checks it between steps, all ranks agree
+    with one all-reduce, save a checkpoint and exit cleanly."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous = {}
+        for sig in STOP_SIGNALS:
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. called from a worker thread): no handlers
+                pass
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+
+    def agreed(self, device: torch.device) -> bool:
+        """True on every rank when any rank got a stop signal."""
+        flag = torch.tensor([1 if self.signum is not None else 0], device=device)
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def requeue_slurm_job() -> None:
+    """Under Slurm, put the job back in the queue; the rerun resumes from the checkpoint."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return
+    try:
+        subprocess.run(["scontrol", "requeue", job], check=True, capture_output=True, text=True, timeout=60)
+        log.info(f"requeued Slurm job {job}")
+    except (OSError, subprocess.SubprocessError) as e:
+        log.error(f"could not requeue Slurm job {job}: {e}")
+
+
+class CollectiveError(RuntimeError):
+    pass
+
+
+@contextmanager
+def phase(name: str, rank: int, step: int):
+    """Re-raise a failed or timed-out collective with the rank, the step and what it was doing."""
+    try:
+        yield
+    except CollectiveError:
+        raise
+    except RuntimeError as e:  # DistBackendError and gloo/NCCL timeouts are RuntimeErrors
+        if not dist.is_initialized():
+            raise
+        raise CollectiveError(f"rank {rank}: {name} at step {step} failed: {str(e).splitlines()[0]}") from e
+
+
+class FaultInjector:
+    """Deliberate faults for tests of the recovery paths (train.faults.*); inert by default."""
+
+    def __init__(self, cfg, rank: int):
+        # A step listed k times is non-finite on k attempts (a skipped step is attempted again).
+        self.nan_steps = Counter(cfg.nan_steps)
+        self.hang = (cfg.hang_rank, cfg.hang_step, cfg.hang_seconds)
+        self.crash_in_save_step = cfg.crash_in_save_step
+        self.rank = rank
+
+    def loss(self, loss: torch.Tensor, step: int) -> torch.Tensor:
+        if self.nan_steps[step] > 0:
+            self.nan_steps[step] -= 1
+            return loss * float("nan")
+        return loss
+
+    def maybe_hang(self, step: int) -> None:
+        rank, at, seconds = self.hang
+        if rank == self.rank and step == at:
+            time.sleep(seconds)
+
+    def crash_in_save(self, step: int) -> None:
+        if step == self.crash_in_save_step:
+            os._exit(17)
