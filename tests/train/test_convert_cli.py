@@ -17,9 +17,15 @@ def run(args):
 
 
 def test_checkpoint_to_hf_and_back(tmp_path):
-    run(["launch/pretrain.py", "+model=tiny", "train.steps=3", "train.seq_len=64", f"run.dir={tmp_path}/run"])
+    run(["launch/pretrain.py", "+model=tiny", "train.steps=3", "train.seq_len=64", f"run.dir={tmp_path}/run",
+         f"checkpoint.export_hf={tmp_path}/exported"])
     ckpt = tmp_path / "run/checkpoints/step-00000003"
     run(["launch/convert_hf.py", "to-hf", str(ckpt), str(tmp_path / "hf")])
+    # the end-of-run export (checkpoint.export_hf) wrote the same weights
+    from safetensors.torch import load_file
+
+    exported, converted = load_file(tmp_path / "exported/model.safetensors"), load_file(tmp_path / "hf/model.safetensors")
+    assert exported.keys() == converted.keys() and all(torch.equal(exported[k], converted[k]) for k in exported)
 
     from model import ModelArgs, Transformer
     from train.checkpoint import load_checkpoint
