@@ -28,6 +28,7 @@ from .data import build_data
 from .faults import FaultInjector, StopRequest, phase, requeue_slurm_job
 from .config import validate
 from .metrics import MetricsWriter, flops_per_token, peak_flops
+from .wandb_log import WandbLogger
 from .optim import build_optimizer, build_scheduler
 
 log = logging.getLogger("herd")
@@ -133,6 +134,7 @@ def train(cfg) -> list[dict]:
     use_bf16 = t.dtype == "bf16" or (t.dtype == "auto" and env.device.type == "cuda")
     autocast = (torch.autocast(env.device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext)
     metrics = MetricsWriter(run_dir, env.is_main, t.steps)
+    wandb_run = WandbLogger(cfg.logging.wandb, run_dir, OmegaConf.to_container(cfg, resolve=True), env.is_main)
     peak = peak_flops(env.device)
     flops_tok = flops_per_token(args, t.seq_len, active_no_embed)
     rows: list[dict] = []
@@ -244,13 +246,16 @@ def train(cfg) -> list[dict]:
                 row["mfu"] = flops_tok * step_tokens / dt / (peak * env.world_size)
                 row["memory_gib"] = torch.cuda.max_memory_allocated(env.device) / 2**30
             metrics.write(row)
+            wandb_run.log(row, step)
             rows.append(row)
         if stop.agreed(env.device):
             if env.is_main:
                 log.warning(f"stop signal received: saving a checkpoint at step {step} and exiting")
             save()
             checkpointer.wait()
-            requeue_slurm_job() if env.is_main else None
+            wandb_run.finish()  # before the requeue: Slurm may end the job right after it
+            if env.is_main:
+                requeue_slurm_job()
             stop.restore()
             metrics.close()
             return rows
@@ -262,6 +267,7 @@ def train(cfg) -> list[dict]:
     if cfg.checkpoint.export_hf and env.is_main:
         export_hf(run_dir, cfg.checkpoint.export_hf)
     _barrier()
+    wandb_run.finish()
     metrics.close()
     return rows
 
