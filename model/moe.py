@@ -51,6 +51,9 @@ def _grouped_mm_supported(x: torch.Tensor) -> bool:
     if not hasattr(torch, "_grouped_mm"):
         return False
     if x.device.type == "cpu":
+        # Eager CPU kernels take fp32; the compiler's shape rules for the op accept bf16 only.
+        if torch.compiler.is_compiling():
+            return x.dtype == torch.bfloat16
         return x.dtype in (torch.float32, torch.bfloat16)
     if x.device.type == "cuda":
         return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9

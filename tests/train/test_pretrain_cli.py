@@ -69,3 +69,26 @@ def test_unknown_preset_and_missing_model(tmp_path):
     assert out.returncode != 0 and "gigantic" in out.stderr
     out = run([sys.executable, "launch/pretrain.py", f"run.dir={tmp_path}"], timeout=60)
     assert out.returncode != 0 and "+model=tiny" in out.stderr
+
+
+def test_training_goes_on_over_corrupt_shards(tmp_path):
+    """Real shards plus a truncated copy of one, a corrupt image and a file that is no tar: the
+    run trains, and metrics.jsonl counts what it skipped."""
+    import shutil
+
+    from data.sample import ensure_sample
+    from tests.data.datakit import doc_json, write_tar
+
+    shards = tmp_path / "shards"
+    shutil.copytree(ensure_sample(), shards)
+    first = sorted(shards.glob("*.tar"))[0].read_bytes()
+    (shards / "zz-truncated.tar").write_bytes(first[: len(first) // 2])
+    write_tar(shards / "zz-badimage.tar", [{"__key__": "bad", "json": doc_json({"text": "x"}, {"image": "jpg"}),
+                                            "jpg": b"\xff\xd8\xff not a jpeg"}])
+    (shards / "zz-garbage.tar").write_bytes(b"not a tar file" * 100)
+    out = run([sys.executable, "launch/pretrain.py", "+model=tiny", "train.steps=25", "train.seq_len=128",
+               "train.batch_size=4", "data.shuffle=false", f"data.urls={shards}", f"run.dir={tmp_path}/run",
+               "logging.wandb.mode=disabled"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    last = read_metrics(tmp_path / "run")[-1]
+    assert last["step"] == 25 and last["data/skipped"] >= 1, last
