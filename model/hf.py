@@ -256,6 +256,40 @@ def hf_text_config_from_args(args: ModelArgs) -> dict:
 # ---------------------------------------------------------------- state dicts
 
 
+# herd name <-> Hugging Face name of every tensor that maps one to one ({i}: the layer). The
+# routed experts' w1 and w3 are the two halves of HF's gate_up_proj and are handled apart.
+_NAMES = [
+    ("tok_embeddings.weight", "model.embed_tokens.weight"),
+    ("norm.weight", "model.norm.weight"),
+    ("output.weight", "lm_head.weight"),
+    ("layers.{i}.attention_norm.weight", "model.layers.{i}.input_layernorm.weight"),
+    ("layers.{i}.ffn_norm.weight", "model.layers.{i}.post_attention_layernorm.weight"),
+    ("layers.{i}.feed_forward.router.weight", "model.layers.{i}.feed_forward.router.weight"),
+    ("layers.{i}.feed_forward.experts.w2", "model.layers.{i}.feed_forward.experts.down_proj"),
+    *((f"layers.{{i}}.attention.{ours}.weight", f"model.layers.{{i}}.self_attn.{theirs}.weight")
+      for theirs, ours in _ATTN.items()),
+    *((f"layers.{{i}}.feed_forward.{part}{ours}.weight", f"model.layers.{{i}}.feed_forward.{part}{theirs}.weight")
+      for theirs, ours in _MLP.items() for part in ("", "shared_expert.")),
+]
+
+
+def _pattern(template: str) -> re.Pattern:
+    return re.compile(re.escape(template).replace(re.escape("{i}"), r"(?P<i>\d+)") + "$")
+
+
+_TO_HF = [(_pattern(ours), theirs) for ours, theirs in _NAMES]
+_FROM_HF = [(_pattern(theirs), ours) for ours, theirs in _NAMES]
+_GATE_UP = _pattern("model.layers.{i}.feed_forward.experts.gate_up_proj")
+_EXPERT_W13 = re.compile(r"layers\.(?P<i>\d+)\.feed_forward\.experts\.(?P<w>w1|w3)$")
+
+
+def _rename(name: str, table) -> str | None:
+    for pattern, target in table:
+        if m := pattern.match(name):
+            return target.format(i=m.groupdict().get("i"))
+    return None
+
+
 def state_dict_from_hf(hf: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
     """HF Llama 4 names -> herd names. Vision and projector weights are converted when the model
     has a vision encoder (`args.vision.enabled`) and left out otherwise."""
@@ -267,33 +301,12 @@ def state_dict_from_hf(hf: dict[str, torch.Tensor], args: ModelArgs) -> dict[str
         if name.startswith(_VISION_HF_PREFIXES):
             continue
         name = name.removeprefix("language_model.")
-        if name == "model.embed_tokens.weight":
-            out["tok_embeddings.weight"] = t
-        elif name == "model.norm.weight":
-            out["norm.weight"] = t
-        elif name == "lm_head.weight":
-            out["output.weight"] = t
-        elif m := re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name):
-            i, rest = m.group(1), m.group(2)
-            p = f"layers.{i}."
-            if m2 := re.fullmatch(r"self_attn\.(\w+)\.weight", rest):
-                out[p + f"attention.{_ATTN[m2.group(1)]}.weight"] = t
-            elif rest == "input_layernorm.weight":
-                out[p + "attention_norm.weight"] = t
-            elif rest == "post_attention_layernorm.weight":
-                out[p + "ffn_norm.weight"] = t
-            elif rest == "feed_forward.router.weight":
-                out[p + "feed_forward.router.weight"] = t
-            elif rest == "feed_forward.experts.gate_up_proj":
-                w1, w3 = t.chunk(2, dim=-1)
-                out[p + "feed_forward.experts.w1"] = w1
-                out[p + "feed_forward.experts.w3"] = w3
-            elif rest == "feed_forward.experts.down_proj":
-                out[p + "feed_forward.experts.w2"] = t
-            elif m2 := re.fullmatch(r"feed_forward\.(shared_expert\.)?(\w+)\.weight", rest):
-                out[p + f"feed_forward.{m2.group(1) or ''}{_MLP[m2.group(2)]}.weight"] = t
-            else:
-                unknown.append(name)
+        if m := _GATE_UP.match(name):
+            w1, w3 = t.chunk(2, dim=-1)
+            out[f"layers.{m['i']}.feed_forward.experts.w1"] = w1
+            out[f"layers.{m['i']}.feed_forward.experts.w3"] = w3
+        elif ours := _rename(name, _FROM_HF):
+            out[ours] = t
         else:
             unknown.append(name)
     if unknown:
@@ -306,43 +319,24 @@ def state_dict_from_hf(hf: dict[str, torch.Tensor], args: ModelArgs) -> dict[str
 def state_dict_to_hf(sd: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
     """herd names -> HF Llama4ForCausalLM names, or Llama4ForConditionalGeneration names (text
     under `language_model.`) when the model has a vision encoder."""
-    attn = {v: k for k, v in _ATTN.items()}
-    mlp = {v: k for k, v in _MLP.items()}
     out: dict[str, torch.Tensor] = {}
-    experts: dict[str, dict[str, torch.Tensor]] = {}
+    gate_up: dict[str, dict[str, torch.Tensor]] = {}
     vision = {k.removeprefix("vision."): v for k, v in sd.items() if k.startswith("vision.")}
     for name, t in sd.items():
-        if name.startswith("vision."):
+        if name.startswith("vision.") or (name == "output.weight" and args.tie_embeddings):
             continue
-        if name == "tok_embeddings.weight":
-            out["model.embed_tokens.weight"] = t
-        elif name == "norm.weight":
-            out["model.norm.weight"] = t
-        elif name == "output.weight":
-            if not args.tie_embeddings:
-                out["lm_head.weight"] = t
-        elif m := re.fullmatch(r"layers\.(\d+)\.(.+)", name):
-            i, rest = m.group(1), m.group(2)
-            p = f"model.layers.{i}."
-            if m2 := re.fullmatch(r"attention\.(w\w)\.weight", rest):
-                out[p + f"self_attn.{attn[m2.group(1)]}.weight"] = t
-            elif rest == "attention_norm.weight":
-                out[p + "input_layernorm.weight"] = t
-            elif rest == "ffn_norm.weight":
-                out[p + "post_attention_layernorm.weight"] = t
-            elif rest == "feed_forward.router.weight":
-                out[p + "feed_forward.router.weight"] = t
-            elif m2 := re.fullmatch(r"feed_forward\.experts\.(w\d)", rest):
-                experts.setdefault(p, {})[m2.group(1)] = t
-            elif m2 := re.fullmatch(r"feed_forward\.(shared_expert\.)?(w\d)\.weight", rest):
-                out[p + f"feed_forward.{m2.group(1) or ''}{mlp[m2.group(2)]}.weight"] = t
-            else:
-                raise ValueError(f"herd parameter {name!r} has no Hugging Face name")
+        if name.endswith("expert_bias"):
+            raise ValueError(
+                f"{name}: model.load_balance=aux_free adds a bias to the router logits for choosing experts "
+                "only; Hugging Face's Llama 4 has no such bias, so the exported model would route differently")
+        if m := _EXPERT_W13.match(name):
+            gate_up.setdefault(m["i"], {})[m["w"]] = t
+        elif theirs := _rename(name, _TO_HF):
+            out[theirs] = t
         else:
             raise ValueError(f"herd parameter {name!r} has no Hugging Face name")
-    for p, w in experts.items():
-        out[p + "feed_forward.experts.gate_up_proj"] = torch.cat((w["w1"], w["w3"]), dim=-1)
-        out[p + "feed_forward.experts.down_proj"] = w["w2"]
+    for i, w in gate_up.items():
+        out[f"model.layers.{i}.feed_forward.experts.gate_up_proj"] = torch.cat((w["w1"], w["w3"]), dim=-1)
     if args.vision.enabled != bool(vision):
         raise ValueError(
             f"vision.enabled={args.vision.enabled} but the state dict has {len(vision)} vision.* parameters"
