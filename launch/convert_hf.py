@@ -17,39 +17,19 @@ import warnings
 
 import torch
 import torch.distributed.checkpoint as dcp
-from omegaconf import OmegaConf
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from model import ModelArgs, Transformer  # noqa: E402
-from model.hf import from_hf, to_hf  # noqa: E402
+from model.hf import from_hf  # noqa: E402
+from train.checkpoint import export_to_hf  # noqa: E402
 
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def model_args_of_checkpoint(ckpt: str) -> ModelArgs:
-    """The model config of the run that wrote `ckpt` (<run.dir>/config.yaml, two levels up)."""
-    cfg_path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(ckpt))), "config.yaml")
-    if os.path.isfile(os.path.join(ckpt, "model_args.json")):
-        return ModelArgs(**json.load(open(os.path.join(ckpt, "model_args.json"))))
-    if not os.path.isfile(cfg_path):
-        raise FileNotFoundError(f"no config.yaml for {ckpt}: expected {cfg_path} (the run directory's config)")
-    return ModelArgs(**OmegaConf.to_container(OmegaConf.load(cfg_path).model, resolve=True))
-
-
 def herd_to_hf(ckpt: str, out: str, dtype: str | None) -> None:
-    if not os.path.isfile(os.path.join(ckpt, ".metadata")):
-        raise FileNotFoundError(f"{ckpt} is not a herd checkpoint directory (no .metadata)")
-    args = model_args_of_checkpoint(ckpt)
-    with torch.device("meta"):
-        model = Transformer(args)
-    model.to_empty(device="cpu")
-    state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=ckpt)
-    model.load_state_dict(state["model"])
-    to_hf(model, out, dtype=_DTYPES[dtype] if dtype else None)
-    kind = "Llama4ForConditionalGeneration" if args.vision.enabled else "Llama4ForCausalLM"
+    model = export_to_hf(ckpt, out, dtype=_DTYPES[dtype] if dtype else None)
+    kind = "Llama4ForConditionalGeneration" if model.args.vision.enabled else "Llama4ForCausalLM"
     print(f"wrote {out} ({kind}, {sum(p.numel() for p in model.parameters()) / 1e6:,.1f}M parameters)")
 
 

@@ -12,7 +12,6 @@ memory.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 from pathlib import Path
@@ -23,8 +22,6 @@ from .args import ModelArgs, VisionArgs
 from .transformer import Transformer
 from .vision import HF_PREFIXES as _VISION_HF_PREFIXES
 from .vision import vision_state_dict_from_hf, vision_state_dict_to_hf
-
-log = logging.getLogger(__name__)
 
 _ATTN = {"q_proj": "wq", "k_proj": "wk", "v_proj": "wv", "o_proj": "wo"}
 _MLP = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}

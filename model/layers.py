@@ -86,8 +86,13 @@ class AttentionMasks:
     ):
         self.chunk_size = chunk_size
         self.chunks_by_reshape = False
-        causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()
-        same_doc = None
+        # The T x T masks are built only when SDPA's causal fast path cannot serve: at long
+        # context they are the largest tensors of the step.
+        causal = same_doc = None
+        explicit_chunks = chunk_size is not None and (
+            positions is not None or (seq_len > chunk_size and seq_len % chunk_size != 0))
+        if doc_ids is not None or explicit_chunks:
+            causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()
         if doc_ids is not None:
             same_doc = doc_ids[:, None, :, None] == doc_ids[:, None, None, :]
         self.global_mask = None if same_doc is None else causal & same_doc

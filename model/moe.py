@@ -32,8 +32,6 @@ class TokenDispatcher:
     handle)` returns the expert outputs in the original sorted order.
     """
 
-    n_local_experts: int | None = None  # None: all experts are local
-
     def dispatch(self, tokens: torch.Tensor, counts: torch.Tensor) -> Any:
         return tokens, counts
 
@@ -89,7 +87,7 @@ class GroupedExperts(nn.Module):
         for e, rows in enumerate(torch.split(x, counts.tolist())):
             if rows.shape[0]:
                 outs.append(F.silu(rows @ w1[e]) * (rows @ w3[e]) @ w2[e])
-        return torch.cat(outs) if outs else x.new_zeros(0, w2.shape[-1])
+        return torch.cat(outs)  # x has rows, so some expert received them
 
 
 def _local(w: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ import shutil
 
 import torch
 import torch.distributed as dist
+from omegaconf import OmegaConf
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
@@ -23,11 +24,14 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from model import ModelArgs, Transformer
+from model.hf import to_hf
+
 log = logging.getLogger("herd")
 _STEP_DIR = re.compile(r"step-(\d{8})$")
 
 
-def _barrier() -> None:
+def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
 
@@ -73,7 +77,7 @@ class Checkpointer:
         tmp = final + ".tmp"
         if self.rank == 0 and os.path.exists(tmp):
             shutil.rmtree(tmp)
-        _barrier()
+        barrier()
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
         if self.async_save:
@@ -98,7 +102,7 @@ class Checkpointer:
         self._pending = None
         if future is not None:
             future.result()
-        _barrier()
+        barrier()
         if self.before_rename is not None:
             self.before_rename(step)
         if self.rank == 0:
@@ -110,7 +114,7 @@ class Checkpointer:
             for old in list_checkpoints(self.run_dir)[:-self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
             log.info(f"saved checkpoint {final}")
-        _barrier()
+        barrier()
 
 
 def load_rank_state(path: str, rank: int) -> dict | None:
@@ -145,3 +149,30 @@ def load_checkpoint(path: str, model, optimizer=None) -> dict | None:
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     with open(os.path.join(path, "train_state.json")) as f:
         return json.load(f)
+
+
+def model_args_of_checkpoint(path: str) -> ModelArgs:
+    """The model config a checkpoint was written with: model_args.json beside the shards (for
+    checkpoints converted from Hugging Face) or the run's config.yaml, two levels up."""
+    converted = os.path.join(path, "model_args.json")
+    if os.path.isfile(converted):
+        with open(converted) as f:
+            return ModelArgs(**json.load(f))
+    run_config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(path))), "config.yaml")
+    if not os.path.isfile(run_config):
+        raise FileNotFoundError(f"no config.yaml for {path}: expected {run_config} (the run directory's config)")
+    return ModelArgs(**OmegaConf.to_container(OmegaConf.load(run_config).model, resolve=True))
+
+
+def export_to_hf(path: str, out: str, dtype: torch.dtype | None = None) -> Transformer:
+    """Write a checkpoint's weights as a Hugging Face folder, in one process (any layout)."""
+    if not os.path.isfile(os.path.join(path, ".metadata")):
+        raise FileNotFoundError(f"{path} is not a herd checkpoint directory (no .metadata)")
+    with torch.device("meta"):
+        model = Transformer(model_args_of_checkpoint(path))
+    model.to_empty(device="cpu")
+    state = {"model": model.state_dict()}
+    dcp.load(state, checkpoint_id=path, no_dist=True)
+    model.load_state_dict(state["model"])
+    to_hf(model, out, dtype=dtype)
+    return model

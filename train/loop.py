@@ -23,13 +23,14 @@ from model.params import count_parameters
 from parallel import build_mesh, clip_grad_norm_, init_distributed, parallelize_model
 
 from .balance import expert_metrics, moe_layers, update_expert_bias
-from .checkpoint import Checkpointer, has_train_state, latest_checkpoint, load_checkpoint, load_rank_state
+from .checkpoint import (Checkpointer, barrier, export_to_hf, has_train_state, latest_checkpoint, load_checkpoint,
+                         load_rank_state)
+from .config import validate
 from .data import build_data
 from .faults import FaultInjector, StopRequest, phase, requeue_slurm_job
-from .config import validate
 from .metrics import MetricsWriter, flops_per_token, peak_flops
-from .wandb_log import WandbLogger
 from .optim import build_optimizer, build_scheduler
+from .wandb_log import WandbLogger
 
 log = logging.getLogger("herd")
 
@@ -68,7 +69,7 @@ def _restore_data(data, source: str, rank: int) -> None:
                     "from its seed")
 
 
-def build_model(args: ModelArgs, device: torch.device, seed: int) -> Transformer:
+def build_model(args: ModelArgs, seed: int) -> Transformer:
     with torch.device("meta"):
         model = Transformer(args)
     n_params = sum(p.numel() for p in model.parameters())
@@ -92,7 +93,7 @@ def train(cfg) -> list[dict]:
         os.makedirs(run_dir, exist_ok=True)
         OmegaConf.save(cfg, os.path.join(run_dir, "config.yaml"), resolve=True)
 
-    model = build_model(args, env.device, t.seed)
+    model = build_model(args, t.seed)
     counts = count_parameters(model)
     active_no_embed = sum(a for c, (_, a) in counts.items() if c != "embedding")
     if env.is_main:
@@ -265,35 +266,10 @@ def train(cfg) -> list[dict]:
     checkpointer.wait()
     stop.restore()
     if cfg.checkpoint.export_hf and env.is_main:
-        export_hf(run_dir, cfg.checkpoint.export_hf)
-    _barrier()
+        final = latest_checkpoint(run_dir)
+        export_to_hf(final, cfg.checkpoint.export_hf)
+        log.info(f"exported {final} to {cfg.checkpoint.export_hf} (Hugging Face format)")
+    barrier()
     wandb_run.finish()
     metrics.close()
     return rows
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def export_hf(run_dir: str, out: str) -> None:
-    """Write the final checkpoint's weights as a Hugging Face folder (rank 0, one process)."""
-    from model.hf import to_hf
-
-    path = latest_checkpoint(run_dir)
-    args = _model_args_of_run(run_dir)
-    with torch.device("meta"):
-        model = Transformer(args)
-    model.to_empty(device="cpu")
-    import torch.distributed.checkpoint as dcp
-
-    state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=path, no_dist=True)
-    model.load_state_dict(state["model"])
-    to_hf(model, out)
-    log.info(f"exported {path} to {out} (Hugging Face format)")
-
-
-def _model_args_of_run(run_dir: str) -> ModelArgs:
-    return ModelArgs(**OmegaConf.to_container(OmegaConf.load(os.path.join(run_dir, "config.yaml")).model, resolve=True))

@@ -5,7 +5,6 @@ import torch
 transformers = pytest.importorskip("transformers")
 from transformers import Llama4ForCausalLM, Llama4TextConfig  # noqa: E402
 
-from model import Transformer  # noqa: E402
 from model.hf import args_from_hf_config, from_hf, state_dict_to_hf, to_hf  # noqa: E402
 
 SEQ = 40
