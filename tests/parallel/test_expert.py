@@ -34,7 +34,7 @@ def _one_step_grads(overrides):
     args = ModelArgs(**OmegaConf.to_container(cfg.model, resolve=True))
     p, t = cfg.parallel, cfg.train
     env = init_distributed("cpu")
-    model = build_model(args, env.device, t.seed)
+    model = build_model(args, t.seed)
     model = parallelize_model(model, build_mesh(env, p.dp_shard, p.dp_replicate, p.ep, args.n_experts),
                               activation_checkpointing=p.activation_checkpointing)
     batch = next(TextBatches(None, t.seq_len, t.batch_size, args.vocab_size, env.rank, env.world_size, t.seed))
