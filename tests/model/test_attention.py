@@ -43,13 +43,25 @@ def test_packed_documents_equal_separate_documents():
     assert_close(out[:, 13:], m(b))
 
 
-def test_chunked_layers_do_not_see_past_chunk():
-    m = tiny(nope_layer_interval=0)  # every layer chunked: output at t depends only on its chunk
+def influence_of_token_3(m):
+    """Per position, the largest logit change when token 3 changes, over the largest logit."""
     tokens = torch.randint(0, 64, (1, 24))
     changed = tokens.clone()
     changed[0, 3] = (changed[0, 3] + 1) % 64
-    d = (m(tokens) - m(changed)).abs().amax(-1)[0]
-    assert d[3:8].min() > 0 and d[8:].max() == 0
+    out = m(tokens)
+    return (out - m(changed)).abs().amax(-1)[0] / out.abs().max()
+
+
+def test_chunked_layers_do_not_see_past_chunk():
+    # Every layer chunked: the output at t depends only on t's chunk. "No influence" is not an exact
+    # 0: the changed token can route to another expert, which resizes the experts' matmuls and so
+    # reorders fp32 sums elsewhere (~1e-7 of the logits with several threads). Influence is >1e-2.
+    d = influence_of_token_3(tiny(nope_layer_interval=0))
+    assert d[3:8].min() > 1e-2
+    assert d[:3].max() <= 1e-5 and d[8:].max() <= 1e-5
+    # Not vacuous: without chunks the same change reaches every later position.
+    d = influence_of_token_3(tiny(nope_layer_interval=0, attention_chunk_size=None))
+    assert d[3:].min() > 1e-2 and d[:3].max() <= 1e-5
 
 
 def test_mask_kinds():
