@@ -13,13 +13,18 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import random
 import shutil
+import time
+import uuid
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+log = logging.getLogger("herd")
 
 SAMPLE_VERSION = 1
 SAMPLE_SHARDS = 8
@@ -196,7 +201,10 @@ def write_shards(
 
 
 def build_sample(out_dir: str | Path) -> list[Path]:
-    samples = sample_documents()
+    return _write_sample(sample_documents(), out_dir)
+
+
+def _write_sample(samples: list[dict], out_dir: str | Path) -> list[Path]:
     per_shard = -(-len(samples) // SAMPLE_SHARDS)
     return write_shards(samples, out_dir, prefix="sample", maxcount=per_shard)
 
@@ -208,22 +216,35 @@ def default_sample_dir() -> Path:
 
 def ensure_sample(out_dir: str | Path | None = None) -> Path:
     """Build the sample shards into out_dir unless a complete copy is there; returns the dir.
-    Safe when several ranks call it at once: each builds aside and the first rename wins."""
+    Safe when several processes call it at once (ranks, or hosts sharing the cache): each
+    builds into a directory of its own beside out_dir and renames it into place; the rename is
+    atomic, so out_dir only ever exists complete, and the first one wins."""
     out_dir = Path(out_dir) if out_dir is not None else default_sample_dir()
     marker = out_dir / "COMPLETE"
     if marker.exists():
         return out_dir
-    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    build_sample(tmp)
-    (tmp / "COMPLETE").write_text(f"herd sample v{SAMPLE_VERSION}\n")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    log.info(f"data: building the sample shards in {out_dir} (first use; set HERD_DATA_CACHE to move the cache)")
+    start = time.perf_counter()
+    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{uuid.uuid4().hex}")  # unique even across hosts
     try:
-        os.rename(tmp, out_dir)  # atomic: out_dir only ever exists complete
+        samples = sample_documents()
+        shards = _write_sample(samples, tmp)
+        (tmp / "COMPLETE").write_text(f"herd sample v{SAMPLE_VERSION}\n")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    try:
+        os.rename(tmp, out_dir)  # atomic; fails if another process's copy is already in place
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
-        if not marker.exists():  # another rank won the race, or a stray directory is in the way
+        if not marker.exists():  # no complete copy there either: something else is in the way
             raise RuntimeError(
                 f"data: {out_dir} exists but is not a complete sample set; delete it and rerun"
             ) from None
+        log.info(f"data: another process finished the sample shards in {out_dir} first; using those")
+        return out_dir
+    log.info(
+        f"data: built {len(shards)} sample shards ({len(samples)} documents) in {out_dir} "
+        f"in {time.perf_counter() - start:.1f} s"
+    )
     return out_dir

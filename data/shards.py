@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import numpy as np
 from webdataset.gopen import gopen
@@ -19,24 +21,58 @@ from webdataset.shardlists import expand_urls as wds_expand_urls
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+URL_FORMS = "a directory of .tar shards, a brace pattern such as /data/shard-{000000..000099}.tar, or pipe:CMD"
+
+
+def _local_path(url: str) -> str | None:
+    """The file system path a shard url names, or None for a `pipe:` command, stdin ("-") or a
+    remote url (s3://, gs://, http(s)://, ...), which are only checked when they are read.
+    Mirrors webdataset's gopen: no scheme or file: is local."""
+    if url == "-" or url.startswith("pipe:"):
+        return None
+    parsed = urlparse(url)
+    if parsed.scheme == "file":
+        return url2pathname(parsed.path)
+    return url if parsed.scheme == "" else None
+
+
+def _shorten(urls: str | list[str], keep: int = 3) -> str:
+    if isinstance(urls, str):
+        return repr(urls if len(urls) <= 200 else urls[:200] + "...")
+    items = list(urls)
+    head = ", ".join(repr(str(u)) for u in items[:keep])
+    return f"[{head}, ... ({len(items)} in all)]" if len(items) > keep else f"[{head}]"
 
 
 def expand_shards(urls: str | list[str]) -> list[str]:
     """Shard urls from a directory (its tar files, sorted), a brace pattern such as
     `data/shard-{000000..000099}.tar`, a `pipe:` command (braces expand into one command per
-    shard), several of these joined by `::`, or a list of any of them."""
+    shard), several of these joined by `::`, or a list of any of them. A local path that does
+    not exist raises FileNotFoundError here, before any reading starts."""
     pieces = [u for item in ([urls] if isinstance(urls, str) else list(urls)) for u in wds_expand_urls(str(item))]
     out: list[str] = []
+    missing: list[str] = []
     for url in pieces:
-        if not url.startswith("pipe:") and os.path.isdir(url):
-            found = sorted(str(p) for p in Path(url).iterdir() if p.name.endswith(TAR_SUFFIXES))
+        path = _local_path(url)
+        if path is not None and os.path.isdir(path):
+            found = sorted(str(p) for p in Path(path).iterdir() if p.name.endswith(TAR_SUFFIXES))
             if not found:
                 raise ValueError(f"data: directory {url!r} holds no {'/'.join(TAR_SUFFIXES)} shards")
             out.extend(found)
+        elif path is not None and not os.path.exists(path):
+            missing.append(url)
         else:
             out.append(url)
+    if missing:
+        if len(pieces) == 1:
+            raise FileNotFoundError(f"data: shard path {missing[0]!r} does not exist; give {URL_FORMS}")
+        first = ", ".join(repr(u) for u in missing[:3]) + (", ..." if len(missing) > 3 else "")
+        raise FileNotFoundError(
+            f"data: {len(missing)} of the {len(pieces)} shard paths from urls {_shorten(urls)} do not exist "
+            f"({first}); give {URL_FORMS}"
+        )
     if not out:
-        raise ValueError(f"data: urls {urls!r} expand to no shards")
+        raise ValueError(f"data: urls {_shorten(urls)} expand to no shards")
     return out
 
 

@@ -49,16 +49,22 @@ class SourceStream:
         return plan[pos] if pos < len(plan) else None
 
     def _reader(self, epoch: int, unit_pos: int, sample_pos: int) -> Iterator[tuple[dict, tuple[int, int, int]]]:
-        """(raw item, position after it) from a position on, across units and epochs."""
+        """(raw item, position after it) from a position on, across units and epochs.
+
+        The "no usable sample" checks judge only what this reader read from the start: a reader
+        resumed mid-epoch (or at an epoch's or a unit's very end) has not seen the good samples
+        before its start position, so the epoch or unit it starts in is not evidence of bad data.
+        """
+        whole_epoch = unit_pos == 0 and sample_pos == 0
         good_in_epoch, empty_units = 0, 0
         while self.epochs is None or epoch < self.epochs:
             unit = self._unit(epoch, unit_pos)
             if unit is None:  # end of epoch
-                if good_in_epoch == 0 and self.epochs is None:
+                if whole_epoch and good_in_epoch == 0 and self.epochs is None:
                     raise RuntimeError(self._no_data_message())
-                epoch, unit_pos, sample_pos, good_in_epoch = epoch + 1, 0, 0, 0
+                epoch, unit_pos, sample_pos, good_in_epoch, whole_epoch = epoch + 1, 0, 0, 0, True
                 continue
-            good_in_unit = 0
+            whole_unit, good_in_unit = sample_pos == 0, 0
             for index, item in read_unit(unit, sample_pos):
                 if "__error__" in item:
                     yield item, (epoch, unit_pos + 1, 0)
@@ -66,7 +72,10 @@ class SourceStream:
                     good_in_unit += 1
                     yield item, (epoch, unit_pos, index + 1)
             good_in_epoch += good_in_unit
-            empty_units = 0 if good_in_unit else empty_units + 1
+            if good_in_unit:
+                empty_units = 0
+            elif whole_unit:
+                empty_units += 1
             if self.resample and empty_units >= _MAX_EMPTY_UNITS:
                 raise RuntimeError(self._no_data_message())
             unit_pos, sample_pos = unit_pos + 1, 0

@@ -23,6 +23,27 @@ def test_expand_directory_brace_pipe_and_list(tmp_path):
         expand_shards(str(tmp_path / "empty"))
 
 
+def test_missing_local_paths_fail_early_with_one_short_message(tmp_path):
+    paths = _tars(tmp_path, 2)
+    with pytest.raises(FileNotFoundError, match=r"'/no/such/dir' does not exist; give a directory of \.tar shards, "
+                       r"a brace pattern .*, or pipe:CMD"):
+        expand_shards("/no/such/dir")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        expand_shards(f"file://{tmp_path}/nope.tar")
+    # a brace pattern expands first: each piece is checked, and 1000 pieces make one short message
+    with pytest.raises(FileNotFoundError) as e:
+        expand_shards(str(tmp_path / "p-{000000..000999}.tar"))
+    msg = str(e.value)
+    assert "1000 of the 1000 shard paths" in msg and "p-{000000..000999}.tar" in msg
+    assert "p-000000.tar', " in msg and "p-000003.tar" not in msg and len(msg) < 600
+    with pytest.raises(FileNotFoundError, match=r"1 of the 3 shard paths .*\('/nope\.tar'\)"):
+        expand_shards(paths + ["/nope.tar"])
+    # pipe: commands and remote urls are only checked when they are read
+    assert expand_shards("pipe:cat /nope-{0..1}.tar") == ["pipe:cat /nope-0.tar", "pipe:cat /nope-1.tar"]
+    remote = ["s3://bucket/a.tar", "gs://bucket/b.tar", "https://host/c.tar", "http://host/d.tar"]
+    assert expand_shards(remote) == remote
+
+
 @pytest.mark.parametrize("n_shards,streams", [(8, 4), (9, 4), (3, 4), (2, 6), (1, 3)])
 @pytest.mark.parametrize("shuffle", [False, True])
 def test_every_sample_belongs_to_exactly_one_stream(n_shards, streams, shuffle):
