@@ -1,28 +1,37 @@
-"""DataArgs: every knob of the multimodal data path, as plain values.
-
-The training config maps onto these fields; nothing here knows about Hydra. `validate()`
-runs when a loader is built, so a bad value stops the run with a message that names it.
+"""DataArgs: every knob of the data path, as plain values, and the schema of the `data` config
+group (configs/data/*.yaml keys map one-to-one onto these fields, as configs/model/*.yaml do
+onto ModelArgs). Nothing here knows about Hydra. `validate()` runs before anything is built, so
+a bad value stops the run with a message that names it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from typing import Any
+
+KINDS = ("shards", "text")
+IMAGE_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
 class Source:
     """One mixture component: shards and a relative weight (weights need not sum to 1)."""
 
-    urls: str | list[str]  # a directory of .tar files, a brace pattern, a `pipe:` command, or a list
+    urls: Any = None  # str or list of str: a directory of .tar files, a brace pattern, a `pipe:` command
     weight: float = 1.0
 
 
 @dataclass
 class DataArgs:
-    # Where: either `urls` (one source) or `sources` (a weighted mixture). "sample" means the
-    # embedded sample shards, built into a cache directory on first use.
-    urls: str | list[str] | None = None
+    # What: webdataset shards through the early-fusion tokenizer, or one text file as bytes.
+    kind: str = "shards"  # shards | text
+
+    # Where: `urls` (one source) or `sources` (a weighted mixture), not both; with neither, the
+    # built-in sample set ("sample", built into a cache directory on first use).
+    urls: Any = None  # str or list of str: a directory, a brace pattern, a `pipe:` command, or "sample"
     sources: list[Source] = field(default_factory=list)
+    path: str | None = None  # kind=text: a text file; None: the English text of Python's pydoc topics
+    num_workers: int = 2  # loader processes per rank (0: in the training process)
 
     # Text
     tokenizer: str = "tiny"  # "tiny" (shipped, vocab 4352) or the path of a tiktoken-format tokenizer.model
@@ -52,18 +61,22 @@ class DataArgs:
 
     def resolved_sources(self) -> list[Source]:
         if self.urls is not None and self.sources:
-            raise ValueError("data: set either urls (one source) or sources (a mixture), not both")
-        if self.urls is not None:
-            return [Source(self.urls, 1.0)]
-        return [s if isinstance(s, Source) else Source(**s) for s in self.sources]
+            raise ValueError(f"data: set either data.urls (one source; it is {self.urls!r}) or data.sources "
+                             "(a mixture), not both")
+        if self.sources:
+            return [s if isinstance(s, Source) else Source(**s) for s in self.sources]
+        return [Source("sample" if self.urls is None else self.urls, 1.0)]
 
-    def validate(self) -> None:
-        sources = self.resolved_sources()
-        if not sources:
-            raise ValueError("data: no shards given: set data.urls (e.g. data.urls=sample) or data.sources")
-        for i, s in enumerate(sources):
-            if not s.urls:
-                raise ValueError(f"data.sources[{i}].urls is empty")
+    def validate(self) -> "DataArgs":
+        if self.kind not in KINDS:
+            raise ValueError(f"data.kind={self.kind!r} is not one of {', '.join(KINDS)}")
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers={self.num_workers} must be >= 0")
+        for i, s in enumerate(self.resolved_sources()):
+            where = "data.urls" if not self.sources else f"data.sources[{i}].urls"
+            if not s.urls or not isinstance(s.urls, (str, list, tuple)):
+                raise ValueError(f"{where}={s.urls!r}: give a directory of .tar shards, a brace pattern "
+                                 "(/d/shard-{000..099}.tar), pipe:CMD, a list of these, or sample")
             if not s.weight > 0:
                 raise ValueError(f"data.sources[{i}].weight={s.weight}: weights must be > 0")
         positive = [
@@ -84,8 +97,9 @@ class DataArgs:
             raise ValueError(f"data.epochs={self.epochs}: use None to loop forever or a count >= 1")
         if self.resample and self.epochs is not None:
             raise ValueError("data.resample=true draws shards forever; it cannot be combined with data.epochs")
-        if self.image_dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"data.image_dtype={self.image_dtype!r}: use float32, bfloat16 or float16")
+        if self.image_dtype not in IMAGE_DTYPES:
+            raise ValueError(f"data.image_dtype={self.image_dtype!r}: use {', '.join(IMAGE_DTYPES)}")
+        return self
 
     def fingerprint(self) -> dict:
         """The fields that decide the sample order; a resumed loader must match them."""

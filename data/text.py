@@ -9,15 +9,7 @@ import os
 
 import torch
 
-
-def special_token_id(name: str, vocab_size: int) -> int:
-    """Llama 4 special ids sit after the BPE vocabulary: 200000 + offset for the real
-    tokenizer (2048 specials), vocab_size - 256 + offset for herd's small ones."""
-    offsets = {"begin_of_text": 0, "end_of_text": 1}
-    base = 200000 if vocab_size >= 202048 else vocab_size - 256
-    if base < 256:
-        raise ValueError(f"model.vocab_size={vocab_size} is too small for byte tokens plus 256 specials")
-    return base + offsets[name]
+from data.specials import special_token_id
 
 
 def default_documents() -> list[str]:

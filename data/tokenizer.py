@@ -26,11 +26,17 @@ import numpy as np
 import tiktoken
 import torch
 
+from data.specials import (  # noqa: F401 - re-exported: the tokenizer's public names
+    LLAMA4_NAMED_SPECIAL_TOKENS,
+    VIDEO_END,
+    VIDEO_START,
+    special_token_count,
+    special_token_names,
+)
 from data.vision import ImageTiles, VideoFrames
 
 IGNORE_INDEX = -100
 PATCHES_PER_TILE = 144  # (336 / 14)^2 patches, pixel-shuffled by 0.5 -> 576 / 4
-LLAMA4_SPECIAL_BASE = 200000
 
 # Llama 4's pre-tokenisation regex (o200k style).
 O200K_PATTERN = (
@@ -38,41 +44,6 @@ O200K_PATTERN = (
     r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
     r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-
-
-def _reserved(name: str, count: int, start: int = 0) -> list[str]:
-    return [f"<|{name}_reserved_special_token_{i}|>" for i in range(start, start + count)]
-
-
-# Llama 4's named special tokens in id order (200000 ... 201143); the rest up to the count
-# of specials are <|reserved_special_token_i|>.
-LLAMA4_NAMED_SPECIAL_TOKENS: list[str] = (
-    ["<|begin_of_text|>", "<|end_of_text|>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>"]
-    + ["<|header_start|>", "<|header_end|>", "<|eom|>", "<|eot|>", "<|step|>"]
-    + _reserved("text_post_train", 6)
-    + ["<|python_start|>", "<|python_end|>", "<|finetune_right_pad|>"]
-    + _reserved("text_post_train", 61, 8)
-    + ["<|image_start|>", "<|image_end|>"]
-    + _reserved("vision", 2)
-    + ["<|tile_x_separator|>", "<|tile_y_separator|>"]
-    + _reserved("vision", 4, 2)
-    + ["<|image|>"]
-    + _reserved("vision", 1, 6)
-    + ["<|patch|>"]
-    + _reserved("vision", 1041, 7)
-    + _reserved("reasoning", 8)
-    + ["<|reasoning_thinking_start|>", "<|reasoning_thinking_end|>"]
-)
-
-# herd's names for the reserved vision tokens it gives a meaning to (see module docstring).
-VIDEO_START = "<|vision_reserved_special_token_0|>"
-VIDEO_END = "<|vision_reserved_special_token_1|>"
-
-
-def special_token_names(count: int) -> list[str]:
-    """The first `count` Llama 4 special tokens, padded with <|reserved_special_token_i|>."""
-    named = LLAMA4_NAMED_SPECIAL_TOKENS[:count]
-    return named + [f"<|reserved_special_token_{i}|>" for i in range(count - len(named))]
 
 
 def load_mergeable_ranks(path: str | Path) -> dict[bytes, int]:
@@ -122,8 +93,8 @@ class Tokenizer:
     def __init__(self, model_path: str | Path, num_special_tokens: int | None = None):
         ranks = load_mergeable_ranks(model_path)
         self.base_vocab = len(ranks)
-        if num_special_tokens is None:  # the released tokenizers have 2048, small ones 256
-            num_special_tokens = 2048 if self.base_vocab >= 100_000 else 256
+        if num_special_tokens is None:
+            num_special_tokens = special_token_count(self.base_vocab)
         if num_special_tokens < 93:
             raise ValueError(f"num_special_tokens={num_special_tokens}: at least 93 are needed to reach <|patch|>")
         names = special_token_names(num_special_tokens)

@@ -5,11 +5,13 @@
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
@@ -25,6 +27,10 @@ register_configs()
 @hydra.main(version_base="1.3", config_path="../configs", config_name="pretrain")
 def main(cfg: DictConfig) -> None:
     if OmegaConf.is_missing(cfg, "model"):
+        run_dir = HydraConfig.get().runtime.output_dir
+        for made in (run_dir, os.path.dirname(run_dir)):  # what Hydra made for a run that never starts
+            with contextlib.suppress(OSError):
+                os.rmdir(made)
         raise SystemExit("choose a model preset: launch/pretrain.py +model=tiny (or scout, maverick, behemoth)")
     rank = int(os.environ.get("RANK", "0"))
     logging.getLogger("herd").setLevel(logging.INFO if rank == 0 else logging.WARNING)

@@ -126,22 +126,14 @@ class ModelArgs:
 
     # Vision (early fusion): the encoder's outputs replace the <|patch|> token embeddings
     vision: VisionArgs = field(default_factory=VisionArgs)  # vision.enabled=false: a text-only model
-    # None: Llama 4's <|patch|> id, 92 into the specials after the BPE vocabulary (200092 for vocab
-    # 202048 = 200000 + 2048 specials; vocab - 256 + 92 for herd's small tokenizers with 256 specials)
-    patch_token_id: int | None = None
+    # The tokenizer's <|patch|> id: Llama 4's is 200092. The trainer checks it against the data's
+    # tokenizer at start-up (data/specials.py says where special tokens sit in a vocabulary).
+    patch_token_id: int = 200092
 
     def __post_init__(self) -> None:
         # ModelArgs(**OmegaConf.to_container(cfg)) and ModelArgs(**json) hand the nested config in as a dict.
         if isinstance(self.vision, dict):
             self.vision = VisionArgs(**self.vision)
-
-    @property
-    def patch_id(self) -> int:
-        """The token id whose embeddings the vision encoder's outputs replace."""
-        if self.patch_token_id is not None:
-            return self.patch_token_id
-        n_special = 2048 if self.vocab_size - 2048 >= 100_000 else 256
-        return self.vocab_size - n_special + 92
 
     @property
     def aux_loss_weight(self) -> float:
@@ -208,8 +200,8 @@ class ModelArgs:
         if self.vision.enabled:
             self.vision.validate()
             need(
-                0 <= self.patch_id < self.vocab_size,
-                f"patch_token_id={self.patch_id} is outside the vocabulary (vocab_size={self.vocab_size}); "
+                0 <= self.patch_token_id < self.vocab_size,
+                f"patch_token_id={self.patch_token_id} is outside the vocabulary (vocab_size={self.vocab_size}); "
                 "set patch_token_id to the tokenizer's <|patch|> id",
             )
         return self

@@ -7,13 +7,15 @@ vision encoder (`vision.enabled`, read from the config's `vision_config`) and sk
 `to_hf` writes what `Llama4ForCausalLM.from_pretrained` loads for a text-only model and what
 `Llama4ForConditionalGeneration.from_pretrained` loads for a model with vision. Weights keep
 their dtype and are loaded onto the meta device first, so a checkpoint is never held twice in
-memory.
+memory. Every `dtype` in the written config.json (top level, text_config, vision_config) names
+the dtype of the written weights.
 """
 from __future__ import annotations
 
 import json
 import os
 import re
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -26,6 +28,12 @@ from .vision import vision_state_dict_from_hf, vision_state_dict_to_hf
 _ATTN = {"q_proj": "wq", "k_proj": "wk", "v_proj": "wv", "o_proj": "wo"}
 _MLP = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
 _SHARD_BYTES = 5 * 2**30
+# transformers computes `(layer + 1) % no_rope_layer_interval` and a chunked mask from
+# `attention_chunk_size` whatever the layers are, so neither may be 0 or null. herd's
+# nope_layer_interval=0 (no NoPE layer) is written as an interval no layer reaches, and
+# attention_chunk_size=None (global attention everywhere) as a chunk no sequence fills, with every
+# `layer_types` entry "full_attention". Reading the value back gives 0 or None again.
+_UNREACHABLE = 2**31 - 1
 
 
 # ---------------------------------------------------------------- config
@@ -88,7 +96,7 @@ def vision_args_from_hf_config(vc: dict) -> VisionArgs:
 def args_from_hf_config(cfg: dict) -> ModelArgs:
     """ModelArgs from a Llama 4 config.json: a text config, or a multimodal one (its `text_config`,
     and its `vision_config` as an enabled vision encoder when present)."""
-    vision, patch_token_id = VisionArgs(), None
+    vision, patch_token_id = VisionArgs(), 200092
     if cfg.get("model_type") == "llama4" or "text_config" in cfg:
         if cfg.get("vision_config"):
             vision = vision_args_from_hf_config(cfg["vision_config"])
@@ -102,6 +110,8 @@ def args_from_hf_config(cfg: dict) -> ModelArgs:
     n_layers = cfg.get("num_hidden_layers", 48)
     step = cfg.get("interleave_moe_layer_step", 1)
     interval = cfg.get("no_rope_layer_interval", 4)
+    interval = 0 if interval == _UNREACHABLE else interval
+    chunk = cfg.get("attention_chunk_size", 8192)
     args = ModelArgs(
         vocab_size=cfg.get("vocab_size", 202048),
         dim=cfg.get("hidden_size", 5120),
@@ -124,15 +134,15 @@ def args_from_hf_config(cfg: dict) -> ModelArgs:
         rope_high_freq_factor=scaling.get("high_freq_factor", 1.0),
         rope_original_max_seq_len=scaling.get("original_max_position_embeddings", 8192),
         nope_layer_interval=interval,
-        attention_chunk_size=cfg.get("attention_chunk_size", 8192),
+        attention_chunk_size=None if chunk == _UNREACHABLE else chunk,
         use_qk_norm=cfg.get("use_qk_norm", True),
         attn_temperature_tuning=bool(cfg.get("attn_temperature_tuning", True)),
         floor_scale=int(cfg.get("floor_scale", 8192)),
         attn_scale=cfg.get("attn_scale", 0.1),
+        init_std=cfg.get("initializer_range", 0.02),
         vision=vision,
+        patch_token_id=patch_token_id,
     )
-    if patch_token_id is not None and patch_token_id != args.patch_id:
-        args.patch_token_id = patch_token_id  # only when it differs from the id herd derives
     args.validate()
     # Explicit layer lists must agree with the interleaving rules herd builds from.
     moe_layers = cfg.get("moe_layers")
@@ -149,10 +159,41 @@ def args_from_hf_config(cfg: dict) -> ModelArgs:
                 f"config.json no_rope_layers={no_rope} is not one NoPE layer every {interval}; herd builds "
                 "NoPE layers from no_rope_layer_interval only"
             )
+    # layer_types says which layers transformers chunks; none chunked means global attention. (A
+    # config with attention_chunk_size null is global whatever layer_types transformers derived.)
+    layer_types = cfg.get("layer_types")
+    if layer_types and args.attention_chunk_size is not None:
+        rope_types = {t for i, t in enumerate(layer_types) if not args.is_nope_layer(i)}
+        if rope_types == {"full_attention"}:
+            args.attention_chunk_size = None  # no layer is chunked: global attention everywhere
+        if list(layer_types) != hf_layer_types(args):
+            raise ValueError(
+                f"config.json layer_types={layer_types} does not chunk exactly the RoPE layers; herd chunks "
+                "every RoPE layer (attention_chunk_size) and no NoPE layer"
+            )
     return args
 
 
-def hf_vision_config_from_args(v: VisionArgs) -> dict:
+def hf_layer_types(args: ModelArgs) -> list[str]:
+    """transformers' attention kind of each layer: chunked on RoPE layers when there is a chunk."""
+    chunked = args.attention_chunk_size is not None
+    return ["chunked_attention" if chunked and not args.is_nope_layer(i) else "full_attention"
+            for i in range(args.n_layers)]
+
+
+def _check_hf_text_layout(args: ModelArgs) -> None:
+    if not args.shared_expert and any(args.is_moe_layer(i) for i in range(args.n_layers)):
+        raise ValueError(
+            "shared_expert=False: every MoE layer of Hugging Face's Llama 4 has a shared expert, so transformers "
+            "would fill it with random weights; export a model trained with shared_expert=true"
+        )
+
+
+def _dtype_name(dtype: torch.dtype | str) -> str:
+    return dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
+
+
+def hf_vision_config_from_args(v: VisionArgs, dtype: torch.dtype | str = "bfloat16") -> dict:
     _check_hf_vision_layout(v)
     return {
         "model_type": "llama4_vision_model",
@@ -175,32 +216,35 @@ def hf_vision_config_from_args(v: VisionArgs) -> dict:
         "vision_feature_layer": -1,
         "vision_feature_select_strategy": "default",
         "initializer_range": v.init_std,
+        "dtype": _dtype_name(dtype),
     }
 
 
-def hf_config_from_args(args: ModelArgs) -> dict:
+def hf_config_from_args(args: ModelArgs, dtype: torch.dtype | str = "bfloat16") -> dict:
     """A Llama4ForCausalLM config.json, or a Llama4ForConditionalGeneration one (the text config
-    under `text_config`) when the model has a vision encoder."""
-    text = hf_text_config_from_args(args)
+    under `text_config`) when the model has a vision encoder. `dtype` is the weights' dtype; every
+    config level names it (transformers 5 reads and writes `dtype`; `torch_dtype` is its old name)."""
+    text = hf_text_config_from_args(args, dtype)
     if not args.vision.enabled:
         return text
     text.pop("architectures")
-    patch = args.patch_id
+    patch = args.patch_token_id
     return {
         "architectures": ["Llama4ForConditionalGeneration"],
         "model_type": "llama4",
         "text_config": text,
-        "vision_config": hf_vision_config_from_args(args.vision),
+        "vision_config": hf_vision_config_from_args(args.vision, dtype),
         # <|image_start|> and <|image_end|> sit 12 and 11 ids before <|patch|> in Llama 4's specials.
         "boi_token_index": patch - 12,
         "eoi_token_index": patch - 11,
         "image_token_index": patch,
         "tie_word_embeddings": args.tie_embeddings,
-        "torch_dtype": text["torch_dtype"],
+        "dtype": _dtype_name(dtype),
     }
 
 
-def hf_text_config_from_args(args: ModelArgs) -> dict:
+def hf_text_config_from_args(args: ModelArgs, dtype: torch.dtype | str = "bfloat16") -> dict:
+    _check_hf_text_layout(args)
     rope: dict = {"rope_type": "default", "rope_theta": args.rope_theta}
     if args.rope_scaling_factor is not None:
         rope.update(
@@ -233,20 +277,22 @@ def hf_text_config_from_args(args: ModelArgs) -> dict:
         "rope_theta": args.rope_theta,
         "rope_scaling": rope if args.rope_scaling_factor is not None else None,
         "rope_parameters": rope,
-        "no_rope_layer_interval": args.nope_layer_interval,
+        "no_rope_layer_interval": args.nope_layer_interval or _UNREACHABLE,
         "no_rope_layers": [int(not args.is_nope_layer(i)) for i in range(n)],
-        "attention_chunk_size": args.attention_chunk_size,
+        "attention_chunk_size": _UNREACHABLE if args.attention_chunk_size is None else args.attention_chunk_size,
+        "layer_types": hf_layer_types(args),
         "use_qk_norm": args.use_qk_norm,
         "attn_temperature_tuning": args.attn_temperature_tuning,
         "floor_scale": args.floor_scale,
         "attn_scale": args.attn_scale,
+        "initializer_range": args.init_std,
         "hidden_act": "silu",
         "attention_bias": False,
         # Llama 4's special ids, when the vocabulary is Llama 4's.
         "bos_token_id": 200000 if args.vocab_size == 202048 else None,
         "eos_token_id": [200001, 200007, 200008] if args.vocab_size == 202048 else None,
         "pad_token_id": 200018 if args.vocab_size == 202048 else None,
-        "torch_dtype": "bfloat16",
+        "dtype": _dtype_name(dtype),
     }
 
 
@@ -316,6 +362,7 @@ def state_dict_from_hf(hf: dict[str, torch.Tensor], args: ModelArgs) -> dict[str
 def state_dict_to_hf(sd: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
     """herd names -> HF Llama4ForCausalLM names, or Llama4ForConditionalGeneration names (text
     under `language_model.`) when the model has a vision encoder."""
+    _check_hf_text_layout(args)
     out: dict[str, torch.Tensor] = {}
     gate_up: dict[str, dict[str, torch.Tensor]] = {}
     vision = {k.removeprefix("vision."): v for k, v in sd.items() if k.startswith("vision.")}
@@ -385,11 +432,22 @@ def from_hf(path_or_state_dict, args: ModelArgs | None = None, dtype: torch.dtyp
     with torch.device("meta"):
         model = Transformer(args)
     missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
+    if args.tie_embeddings:  # tied below, to the embedding just loaded
+        missing = [k for k in missing if k != "output.weight"]
     if missing or unexpected:
         raise ValueError(f"checkpoint does not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
     if args.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
     return model
+
+
+def _weights_dtype(sd: dict[str, torch.Tensor]) -> torch.dtype:
+    """The dtype of the floating-point weights: the one most elements have, should they differ."""
+    counts = Counter()
+    for t in sd.values():
+        if t.is_floating_point():
+            counts[t.dtype] += t.numel()
+    return counts.most_common(1)[0][0]
 
 
 def to_hf(model: Transformer | dict, out_dir, args: ModelArgs | None = None, dtype: torch.dtype | None = None) -> Path:
@@ -407,8 +465,7 @@ def to_hf(model: Transformer | dict, out_dir, args: ModelArgs | None = None, dty
     hf = {k: (v.to(dtype) if dtype else v).detach().cpu().contiguous() for k, v in hf.items()}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = hf_config_from_args(args)
-    cfg["torch_dtype"] = str(next(iter(hf.values())).dtype).removeprefix("torch.")
+    cfg = hf_config_from_args(args, _weights_dtype(hf))
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
 
     shards: list[dict[str, torch.Tensor]] = [{}]

@@ -80,7 +80,7 @@ class Transformer(nn.Module):
                 )
             # Runs even for zero tiles, so every data-parallel rank calls the encoder each step.
             features = self.vision(images.to(h.dtype))
-            h = scatter_image_features(h, tokens, features, self.args.patch_id)
+            h = scatter_image_features(h, tokens, features, self.args.patch_token_id)
         masks = AttentionMasks(T, self.args.attention_chunk_size, positions, doc_ids, tokens.device)
         if positions is None:
             positions = torch.arange(T, device=tokens.device).expand(B, T)

@@ -1,19 +1,25 @@
-"""The config schema: one dataclass per group, registered with Hydra's ConfigStore so that a
-mistyped or unknown key is an error, never a silent default. `validate()` checks the values
-that the types cannot, before any model is built."""
+"""The config schema: one dataclass per group, composed into `PretrainConfig` and registered
+with Hydra's ConfigStore, so that a mistyped or unknown key is an error, never a silent default.
+The model and data groups' schemas are the plain dataclasses their packages build from
+(`model.ModelArgs`, `data.args.DataArgs`): one schema per group, no copies. `validate()` checks
+the values that the types cannot, before any model is built."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
+from data.args import DataArgs
 from model import ModelArgs
+
+# dtypes are spelled as torch spells them; the short names are accepted on input.
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 @dataclass
 class RunConfig:
     dir: str = "outputs/${run.name}"  # metrics.jsonl, config.yaml and checkpoints go here
-    name: str = "herd"
+    name: str = "${herd_preset:}"  # the model preset's name (+model=NAME); "herd" without one
 
 
 @dataclass
@@ -25,7 +31,7 @@ class TrainConfig:
     seq_len: int = 256
     max_grad_norm: float = 1.0  # 0 disables clipping (the norm is still logged)
     device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU | fp32 | bf16
+    dtype: str = "auto"  # autocast dtype: auto (bfloat16 on CUDA, none on CPU) | float32 | bfloat16
     max_nonfinite_in_row: int = 3  # skip a step with a non-finite loss or grad norm; stop after this many in a row
     faults: "FaultsConfig" = field(default_factory=lambda: FaultsConfig())
 
@@ -59,28 +65,11 @@ class ParallelConfig:
     dp_replicate: int = 1  # HSDP replicas (replicate across, shard within)
     ep: int = 1  # expert-parallel ranks, carved out of dp_shard
     backend: str = "auto"  # auto: nccl on CUDA, gloo on CPU
-    param_dtype: str = "auto"  # FSDP compute dtype: auto = bf16 on CUDA, fp32 on CPU
+    param_dtype: str = "auto"  # FSDP compute dtype: auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16
     reduce_dtype: str = "float32"
     activation_checkpointing: bool = False
     compile: bool = False  # torch.compile each transformer block
     timeout_s: int = 600  # a collective that hangs this long raises
-
-
-@dataclass
-class DataConfig:
-    kind: str = "shards"  # shards: webdataset shards through the early-fusion tokenizer | text
-    urls: str | None = "sample"  # directory, brace pattern or pipe: command; "sample": the built-in set
-    tokenizer: str = "tiny"  # "tiny" (shipped, vocab 4352) or a tiktoken-format tokenizer.model
-    num_workers: int = 2  # loader processes per rank (0: in the training process)
-    shuffle: bool = True
-    shuffle_buffer: int = 64
-    resample: bool = False  # draw shards with replacement (no epochs)
-    reset_positions: bool = True  # positions restart at 0 for every packed document
-    max_tiles: int = 16  # tiles per image (plus a global view)
-    video_fps: float = 1.0
-    video_max_frames: int = 8
-    max_image_pixels: int = 50_000_000  # decompression-bomb limit, checked before decoding
-    path: str | None = None  # kind=text: a text file; None: the English text of Python's pydoc topics
 
 
 @dataclass
@@ -118,19 +107,29 @@ class PretrainConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    data: DataArgs = field(default_factory=DataArgs)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
+def _preset_name() -> str:
+    """The chosen model preset (`+model=NAME`), for run.name; "herd" outside a Hydra job or
+    without a preset, so that a missing +model reaches the "choose a model preset" message."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return "herd"
+    return HydraConfig.get().runtime.choices.get("model") or "herd"
+
+
 def register_configs() -> None:
+    """The primary schema types every group (`model: ModelArgs`, `data: DataArgs`, ...), so the
+    group files need no schema of their own and Hydra lists only real choices in its errors."""
     from hydra.core.config_store import ConfigStore
 
-    cs = ConfigStore.instance()
-    cs.store(name="pretrain_schema", node=PretrainConfig)
-    for group, node in (("model", ModelArgs), ("data", DataConfig), ("parallel", ParallelConfig),
-                        ("optim", OptimConfig), ("logging", LoggingConfig)):
-        cs.store(group=group, name=f"{group}_schema", node=node)
+    ConfigStore.instance().store(name="pretrain_schema", node=PretrainConfig)
+    if not OmegaConf.has_resolver("herd_preset"):
+        OmegaConf.register_new_resolver("herd_preset", _preset_name)
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -145,12 +144,16 @@ def validate(cfg: PretrainConfig) -> None:
             raise ValueError(msg)
 
     t, o, p = cfg.train, cfg.optim, cfg.parallel
+    for group, key in (("train", "dtype"), ("parallel", "param_dtype"), ("parallel", "reduce_dtype"),
+                       ("data", "image_dtype")):
+        value = cfg[group][key]
+        cfg[group][key] = DTYPE_ALIASES.get(value, value)
     for key in ("steps", "batch_size", "grad_accum", "seq_len"):
         need(getattr(t, key) > 0, f"train.{key}={getattr(t, key)} must be positive")
     need(t.max_grad_norm >= 0, f"train.max_grad_norm={t.max_grad_norm} must be >= 0")
     need(t.max_nonfinite_in_row >= 0, f"train.max_nonfinite_in_row={t.max_nonfinite_in_row} must be >= 0")
     _choice("train.device", t.device, ("auto", "cpu", "cuda"))
-    _choice("train.dtype", t.dtype, ("auto", "fp32", "bf16"))
+    _choice("train.dtype", t.dtype, ("auto", "float32", "bfloat16"))
     need(t.seq_len <= cfg.model.max_seq_len,
          f"train.seq_len={t.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
     need(o.lr > 0, f"optim.lr={o.lr} must be positive")
@@ -163,12 +166,20 @@ def validate(cfg: PretrainConfig) -> None:
     _choice("parallel.reduce_dtype", p.reduce_dtype, ("float32", "bfloat16"))
     need(p.ep >= 1, f"parallel.ep={p.ep} must be >= 1")
     need(p.dp_replicate >= 1, f"parallel.dp_replicate={p.dp_replicate} must be >= 1")
-    _choice("data.kind", cfg.data.kind, ("shards", "text"))
-    need(cfg.data.kind != "shards" or bool(cfg.data.urls), "data.urls must name shards when data.kind=shards")
-    need(cfg.data.num_workers >= 0, f"data.num_workers={cfg.data.num_workers} must be >= 0")
+    data_args(cfg)  # DataArgs.validate()
     need(cfg.checkpoint.interval >= 0, f"checkpoint.interval={cfg.checkpoint.interval} must be >= 0")
     need(cfg.checkpoint.keep >= 1, f"checkpoint.keep={cfg.checkpoint.keep} must be >= 1")
     need(cfg.logging.interval >= 1, f"logging.interval={cfg.logging.interval} must be >= 1")
     need(cfg.logging.expert_table_interval >= 0,
          f"logging.expert_table_interval={cfg.logging.expert_table_interval} must be >= 0")
     _choice("logging.wandb.mode", cfg.logging.wandb.mode, ("online", "offline", "disabled"))
+
+
+def model_args(cfg) -> ModelArgs:
+    """The validated ModelArgs of a composed config."""
+    return ModelArgs(**OmegaConf.to_container(cfg.model, resolve=True)).validate()
+
+
+def data_args(cfg) -> DataArgs:
+    """The validated DataArgs of a composed config (sources become `Source` objects)."""
+    return OmegaConf.to_object(cfg.data).validate()

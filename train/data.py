@@ -1,24 +1,35 @@
 """Build the batch source the config asks for. Both kinds yield dicts with `tokens` and
 `labels` [B, T] (labels aligned with tokens, -100 where there is no target); the shard loader
-adds `positions`, `doc_ids`, `images` and skip counters. Both have state_dict/load_state_dict."""
+adds `positions`, `doc_ids`, `images` and skip counters. Both have state_dict/load_state_dict.
+
+The data is built before the model, so a bad source or a tokenizer that does not fit the model
+stops the run within seconds, before any weights exist."""
 from __future__ import annotations
 
+from data.args import DataArgs
 from data.text import TextBatches
+from model import ModelArgs
 
 
-def build_data(cfg, vocab_size: int, seq_len: int, batch_size: int, rank: int, world_size: int, seed: int):
-    if cfg.kind == "text":
-        return TextBatches(cfg.path, seq_len, batch_size, vocab_size, rank, world_size, seed)
-    from data import DataArgs, MultimodalLoader
+def build_data(args: DataArgs, model: ModelArgs, seq_len: int, batch_size: int, rank: int, world_size: int,
+               seed: int):
+    if args.kind == "text":
+        return TextBatches(args.path, seq_len, batch_size, model.vocab_size, rank, world_size, seed)
+    from data import MultimodalLoader
 
-    args = DataArgs(
-        urls=cfg.urls, tokenizer=cfg.tokenizer, shuffle=cfg.shuffle, shuffle_buffer=cfg.shuffle_buffer,
-        resample=cfg.resample, reset_positions=cfg.reset_positions, max_tiles=cfg.max_tiles,
-        video_fps=cfg.video_fps, video_max_frames=cfg.video_max_frames, max_image_pixels=cfg.max_image_pixels,
-    )
     loader = MultimodalLoader(args, rank=rank, world_size=world_size, batch_size=batch_size, seq_len=seq_len,
-                              seed=seed, num_workers=cfg.num_workers)
-    if loader.vocab_size > vocab_size:
-        raise ValueError(f"data.tokenizer={cfg.tokenizer!r} has {loader.vocab_size} tokens but "
-                         f"model.vocab_size={vocab_size}; use a model whose vocabulary holds the tokenizer's")
+                              seed=seed, num_workers=args.num_workers)
+    check_tokenizer_fits(loader.tokenizer, args.tokenizer, model)
     return loader
+
+
+def check_tokenizer_fits(tokenizer, name: str, model: ModelArgs) -> None:
+    """The tokenizer's ids must exist in the model's embedding, and its <|patch|> id must be the
+    one the model fills with image features."""
+    if tokenizer.vocab_size > model.vocab_size:
+        raise ValueError(f"data.tokenizer={name!r} has {tokenizer.vocab_size} tokens but "
+                         f"model.vocab_size={model.vocab_size}; use a model whose vocabulary holds the tokenizer's")
+    if model.vision.enabled and tokenizer.ids.patch != model.patch_token_id:
+        raise ValueError(f"data.tokenizer={name!r} puts <|patch|> at id {tokenizer.ids.patch} but "
+                         f"model.patch_token_id={model.patch_token_id}: image features would land on the wrong "
+                         f"tokens; set model.patch_token_id={tokenizer.ids.patch} (or use the model's tokenizer)")

@@ -128,4 +128,4 @@ def test_bad_settings_name_the_field(keyset):
     with pytest.raises(ValueError, match="weight"):
         MultimodalLoader(DataArgs(sources=[Source(str(root), 0.0)]))
     with pytest.raises(ValueError, match="urls"):
-        MultimodalLoader(DataArgs())
+        MultimodalLoader(DataArgs(urls=[]))

@@ -21,7 +21,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import Llama4Config, Llama4ForConditionalGeneration  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "model"
-VOCAB = 352  # 96 "BPE" ids + 256 specials: herd derives <|patch|> = 352 - 256 + 92
+VOCAB = 352  # 96 "BPE" ids + 256 specials: <|patch|> is 96 + 92
 PATCH = 188
 SEQ = 40
 # 84px tiles of 14px patches: 6 x 6 patches, pixel-shuffled to 9 tokens per tile.
@@ -66,11 +66,10 @@ def test_args_from_multimodal_config(pair):
     cfg, _, model = pair
     v = model.args.vision
     assert v.enabled and (v.image_size, v.dim, v.n_layers, v.n_heads, v.mlp_hidden) == (84, 64, 2, 4, 256)
-    assert v.tokens_per_tile == 9 and model.args.patch_id == PATCH
-    assert model.args.patch_token_id is None  # HF's id is the one herd derives: left implicit
+    assert v.tokens_per_tile == 9 and model.args.patch_token_id == PATCH
     other = cfg.to_dict()
     other["image_token_index"] = 100
-    assert args_from_hf_config(other).patch_id == 100
+    assert args_from_hf_config(other).patch_token_id == 100
 
 
 def test_logits_match_transformers_with_images(pair):
@@ -133,7 +132,7 @@ def test_text_part_only_when_vision_is_off(pair):
 
 def tiny_preset() -> ModelArgs:
     cfg = OmegaConf.load(CONFIGS / "tiny.yaml")
-    del cfg["defaults"]
+    cfg.pop("defaults", None)  # the Hydra schema line of presets that have one
     return ModelArgs(**OmegaConf.to_container(cfg))
 
 
@@ -142,12 +141,12 @@ def test_gradients_reach_the_vision_encoder(freeze):
     """The tiny preset on Llama 4's tile geometry: 336px tiles, 144 <|patch|> slots each."""
     args = tiny_preset()
     args.vision.freeze = freeze
-    assert args.vision.enabled and args.vision.tokens_per_tile == 144 and args.patch_id == 4188
+    assert args.vision.enabled and args.vision.tokens_per_tile == 144 and args.patch_token_id == 4188
     torch.manual_seed(0)
     model = Transformer(args)
     model.init_weights()
     tokens = torch.randint(0, 4096, (1, 160))
-    tokens[0, 8:152] = args.patch_id
+    tokens[0, 8:152] = args.patch_token_id
     model(tokens, images=torch.randn(1, 3, 336, 336)).float().square().mean().backward()
     v = model.vision
     assert v.projector.weight.grad.abs().sum() > 0  # the projector trains even when frozen
@@ -185,14 +184,13 @@ def test_args_schema_and_validation():
         ModelArgs(vision=VisionArgs(enabled=True, n_heads=5)).validate()
     with pytest.raises(ValueError, match="patch_token_id=500"):
         ModelArgs(vocab_size=400, patch_token_id=500, vision=VisionArgs(enabled=True)).validate()
-    assert ModelArgs().patch_id == 200092 and ModelArgs(vocab_size=4352).patch_id == 4188
-    assert ModelArgs(patch_token_id=7).patch_id == 7
+    assert ModelArgs().patch_token_id == 200092  # Llama 4's <|patch|>
 
 
 @pytest.mark.parametrize("preset,total_b", [("scout", 108.6), ("maverick", 401.6)])
 def test_preset_parameter_counts_with_vision(preset, total_b):
     cfg = OmegaConf.load(CONFIGS / f"{preset}.yaml")
-    del cfg["defaults"]
+    cfg.pop("defaults", None)  # the Hydra schema line of presets that have one
     args = ModelArgs(**OmegaConf.to_container(cfg)).validate()
     assert args.vision.enabled
     with torch.device("meta"):
