@@ -27,6 +27,22 @@ class Distributed:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """`t` reduced over all ranks (op: sum | max), as a new tensor on t's device; the data
+        travels on the training device, since NCCL reduces only there. A world of one returns t."""
+        ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
+        if op not in ops:
+            raise ValueError(f"all_reduce op={op!r} is not one of {', '.join(ops)}")
+        if not dist.is_initialized():
+            return t
+        on_device = t.to(self.device, copy=True)
+        dist.all_reduce(on_device, op=ops[op])
+        return on_device.to(t.device)
+
+    def barrier(self) -> None:
+        if dist.is_initialized():
+            dist.barrier()
+
 
 def init_distributed(device: str = "auto", backend: str = "auto", timeout_s: int = 600) -> Distributed:
     """Join the torchrun job if there is one; a plain `python` run is a world of one."""
@@ -50,6 +66,10 @@ def init_distributed(device: str = "auto", backend: str = "auto", timeout_s: int
 
 def mesh_shape(world_size: int, dp_shard: int, dp_replicate: int, ep: int, n_experts: int) -> tuple[int, int, int]:
     """(dp_replicate, dp_shard_mod_ep, ep) for this world size; raises naming the bad value."""
+    if dp_replicate < 1:
+        raise ValueError(f"parallel.dp_replicate={dp_replicate} must be >= 1")
+    if dp_shard != -1 and dp_shard < 1:
+        raise ValueError(f"parallel.dp_shard={dp_shard} must be >= 1, or -1 for world size / dp_replicate")
     if dp_shard == -1:
         if world_size % dp_replicate:
             raise ValueError(f"parallel.dp_replicate={dp_replicate} does not divide the world size {world_size}")

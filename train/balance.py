@@ -29,8 +29,9 @@ def update_expert_bias(layers: list[MoE], counts: torch.Tensor, rate: float) -> 
 
 
 def expert_metrics(counts: torch.Tensor, layer_ids: list[int], routed_slots: int) -> dict:
-    """Per MoE layer: max/mean load (1 = balanced), busiest and idlest expert's tokens. `dropped`
-    is routed slots (tokens x top_k) minus the slots experts computed: 0 for a dropless layer."""
+    """Per MoE layer: max/mean load (1 = balanced; 0 for a layer that saw no tokens), busiest and
+    idlest expert's tokens. `dropped` is routed slots (tokens x top_k) minus the slots experts
+    computed: 0 for a dropless layer."""
     counts = counts.double().cpu()
     row: dict = {}
     for i, c in zip(layer_ids, counts):

@@ -1,9 +1,10 @@
 """Sharded checkpoints with torch.distributed.checkpoint (DCP).
 
-`${run.dir}/checkpoints/step-XXXXXXXX/` holds model and optimizer shards (DCP) plus
-`train_state.json` (step, tokens, LR schedule, data cursor), readable by people and tools. A checkpoint is written under a temporary
-name and renamed only once every rank has finished, so a crash mid-write never damages the
-last good one.
+`${run.dir}/checkpoints/step-XXXXXXXX/` holds model and optimizer shards (DCP) plus the
+TrainState (train/state.py) as JSON, readable by people and tools: `train_state.json` (step,
+tokens, LR schedule; the same on every rank) and `rank-XXXXX.json` (each rank's data position).
+A checkpoint is written under a temporary name and renamed only once every rank has finished,
+so a crash mid-write never damages the last good one.
 """
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ from torch.distributed.checkpoint.state_dict import (
 
 from model import ModelArgs, Transformer
 from model.hf import to_hf
+
+from .state import TrainState
 
 log = logging.getLogger("herd")
 _STEP_DIR = re.compile(r"step-(\d{8})$")
@@ -71,24 +74,27 @@ class Checkpointer:
                 if d.endswith(".tmp"):
                     shutil.rmtree(os.path.join(root, d), ignore_errors=True)
 
-    def save(self, step: int, model, optimizer, train_state: dict, rank_state: dict | None = None) -> str:
+    def save(self, step: int, model, optimizer, state: TrainState) -> str:
+        """Write model, optimizer and `state` as checkpoint `step` (in the background with
+        async_save; `wait()` finishes it)."""
         self.wait()
+        train_state = state.state_dict()
+        rank_state = {"data": train_state.pop("data")}
         final = checkpoint_dir(self.run_dir, step)
         tmp = final + ".tmp"
         if self.rank == 0 and os.path.exists(tmp):
             shutil.rmtree(tmp)
         barrier()
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
+        sd = {"model": model_sd, "optim": optim_sd}
         if self.async_save:
-            future = dcp.async_save(state, checkpoint_id=tmp, process_group=self._group)
+            future = dcp.async_save(sd, checkpoint_id=tmp, process_group=self._group)
         else:
-            dcp.save(state, checkpoint_id=tmp)
+            dcp.save(sd, checkpoint_id=tmp)
             future = None
-        if rank_state is not None:
-            os.makedirs(tmp, exist_ok=True)
-            with open(os.path.join(tmp, f"rank-{self.rank:05d}.json"), "w") as f:
-                json.dump(rank_state, f)
+        os.makedirs(tmp, exist_ok=True)
+        with open(os.path.join(tmp, _rank_file(self.rank)), "w") as f:
+            json.dump(rank_state, f)
         self._pending = (future, tmp, final, step, train_state)
         if not self.async_save:
             self.wait()
@@ -117,13 +123,15 @@ class Checkpointer:
         barrier()
 
 
-def load_rank_state(path: str, rank: int) -> dict | None:
-    """This rank's own saved state, or None when the checkpoint was written by fewer ranks."""
-    f = os.path.join(path, f"rank-{rank:05d}.json")
-    if not os.path.isfile(f):
+def _rank_file(rank: int) -> str:
+    return f"rank-{rank:05d}.json"
+
+
+def _read_json(path: str) -> dict | None:
+    if not os.path.isfile(path):
         return None
-    with open(f) as fh:
-        return json.load(fh)
+    with open(path) as f:
+        return json.load(f)
 
 
 def has_train_state(path: str) -> bool:
@@ -132,23 +140,29 @@ def has_train_state(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "train_state.json"))
 
 
-def load_checkpoint(path: str, model, optimizer=None) -> dict | None:
-    """Load weights (and, with an optimizer, the full training state) from a DCP checkpoint
-    saved with any layout; returns the training state or None for a weights-only load."""
+def load_checkpoint(path: str, model, optimizer=None, state: TrainState | None = None) -> None:
+    """Load weights from a DCP checkpoint saved with any layout; with an optimizer and a
+    TrainState, the full training state too. This rank's data position comes from its own
+    rank file; a data source whose position is the same on every rank (the text source)
+    resumes from rank 0's in any layout."""
     if not os.path.isfile(os.path.join(path, ".metadata")):
         raise FileNotFoundError(f"{path} is not a complete herd checkpoint (no .metadata); "
                                 "checkpoints live in <run.dir>/checkpoints/step-XXXXXXXX")
     if optimizer is None:
-        state = {"model": get_model_state_dict(model)}
-        dcp.load(state, checkpoint_id=path)
-        set_model_state_dict(model, state["model"])
-        return None
+        sd = {"model": get_model_state_dict(model)}
+        dcp.load(sd, checkpoint_id=path)
+        set_model_state_dict(model, sd["model"])
+        return
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=path)
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    with open(os.path.join(path, "train_state.json")) as f:
-        return json.load(f)
+    sd = {"model": model_sd, "optim": optim_sd}
+    dcp.load(sd, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    if state is not None:
+        train_state = _read_json(os.path.join(path, "train_state.json"))
+        rank_state = _read_json(os.path.join(path, _rank_file(state.rank)))
+        if rank_state is None and state.data_state_is_global:
+            rank_state = _read_json(os.path.join(path, _rank_file(0)))
+        state.load_state_dict({**train_state, "data": (rank_state or {}).get("data")})
 
 
 def model_args_of_checkpoint(path: str) -> ModelArgs:

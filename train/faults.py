@@ -63,7 +63,7 @@ class CollectiveError(RuntimeError):
 
 
 @contextmanager
-def phase(name: str, rank: int, step: int):
+def failure_context(name: str, rank: int, step: int):
     """Re-raise a failed or timed-out collective with the rank, the step and what it was doing."""
     try:
         yield

@@ -1,12 +1,18 @@
-"""The training loop: build everything from the config, then step.
+"""The Trainer: build everything from the config, resume, step, and shut down one way.
 
-One optimizer step = `grad_accum` micro-batches per rank. The loss is normalised by the
-number of target tokens in the *global* batch, so N ranks, or N micro-batches, give the same
-gradients as one process on the whole batch.
+    Trainer(cfg).run()
+      resume()          the run's own latest checkpoint, or checkpoint.load, or step 0
+      train_step()      grad_accum x forward_backward(), gradient norm, optimizer_step()
+      log(row)          metrics.jsonl, console, wandb
+      checkpoint / stop a checkpoint every checkpoint.interval steps; a preemption signal stops
+      shutdown()        final or stop checkpoint, HF export, requeue, summary: every exit goes here
+
+One optimizer step = `grad_accum` micro-batches per rank; the loss is in train/loss.py. Where
+the state of a run lives: train/state.py (TrainState). Where a run is written to disk:
+train/checkpoint.py.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
@@ -14,262 +20,269 @@ import time
 import warnings
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from model import ModelArgs, Transformer
+from model import Transformer
 from model.params import count_parameters
-from parallel import build_mesh, clip_grad_norm_, init_distributed, parallelize_model
+from parallel import build_mesh, clip_grad_norm_, init_distributed
 
 from .balance import expert_metrics, moe_layers, update_expert_bias
-from .checkpoint import (Checkpointer, barrier, export_to_hf, has_train_state, latest_checkpoint, load_checkpoint,
-                         load_rank_state)
-from .config import validate
+from .build import build_parallel_model
+from .checkpoint import Checkpointer, export_to_hf, has_train_state, latest_checkpoint, load_checkpoint
+from .config import data_args, model_args, validate
 from .data import build_data
-from .faults import FaultInjector, StopRequest, phase, requeue_slurm_job
-from .metrics import MetricsWriter, flops_per_token, peak_flops
+from .faults import FaultInjector, StopRequest, failure_context, requeue_slurm_job
+from .loss import compute_loss, count_targets
+from .metrics import MetricsWriter, flops_per_token, format_duration, peak_flops
 from .optim import build_optimizer, build_scheduler
+from .state import TrainState
 from .wandb_log import WandbLogger
 
 log = logging.getLogger("herd")
 
-# Build the model on the meta device and initialise its shards in place when it would not fit
-# comfortably in host memory on every rank; small models are built whole so that any layout
-# starts from bitwise the same weights.
-_FULL_INIT_MAX_PARAMS = 2_000_000_000
 
+class Trainer:
+    def __init__(self, cfg):
+        """Build in the order that fails fastest: config, process group, data (a bad source or
+        tokenizer stops the run in seconds), then the model and optimizer."""
+        validate(cfg)
+        self.cfg, t, p = cfg, cfg.train, cfg.parallel
+        self.args = model_args(cfg)
+        self.env = init_distributed(t.device, p.backend, p.timeout_s)
+        self.meshes = build_mesh(self.env, p.dp_shard, p.dp_replicate, p.ep, self.args.n_experts)
+        self.run_dir = cfg.run.dir
+        if self.env.is_main:
+            os.makedirs(self.run_dir, exist_ok=True)
+            OmegaConf.save(cfg, os.path.join(self.run_dir, "config.yaml"), resolve=True)
 
-def _all_reduce_sum(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Sum over ranks; the tensor travels on the training device (NCCL reduces only there)."""
-    if dist.is_initialized():
-        on_device = t.to(device)
-        dist.all_reduce(on_device)
-        return on_device.to(t.device)
-    return t
+        self.data = build_data(data_args(cfg), self.args, t.seq_len, t.batch_size, self.env.rank,
+                               self.env.world_size, t.seed)
+        self.model = build_parallel_model(self.args, t.seed, p, self.env, self.meshes)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.state = TrainState(build_scheduler(self.optimizer, t.steps, cfg.optim), self.data, self.env.rank)
+        self.faults = FaultInjector(t.faults, self.env.rank)
+        self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint.keep, self.env.rank, cfg.checkpoint.async_save,
+                                         before_rename=self.faults.crash_in_save)
 
+        self.moes = moe_layers(self.model)
+        self.aux_free = self.args.load_balance == "aux_free" and bool(self.moes)
+        self.autocast_dtype = (torch.bfloat16 if t.dtype == "bfloat16" or (t.dtype == "auto" and self.env.device.type
+                                                                            == "cuda") else None)
+        with torch.device("meta"):
+            counts = count_parameters(Transformer(self.args))
+        self.flops_per_token = flops_per_token(self.args, t.seq_len,
+                                               sum(a for c, (_, a) in counts.items() if c != "embedding"))
+        self.peak_flops = peak_flops(self.env.device)
+        if self.env.is_main:
+            log.info(f"model: {sum(n for n, _ in counts.values()) / 1e6:,.1f}M parameters, "
+                     f"{sum(a for _, a in counts.values()) / 1e6:,.1f}M active; {self.env.world_size} rank(s) on "
+                     f"{self.env.device.type}")
+        self.rows: list[dict] = []
+        self.nonfinite_in_row = 0
+        self.saved_step: int | None = None  # the step of the newest checkpoint this attempt wrote or loaded
 
-def _restore_data(data, source: str, rank: int) -> None:
-    """Put the loader back where the checkpoint left it. A source whose position is the same on
-    every rank (the text source) resumes from rank 0's state in any layout; a sharded stream
-    saved with another world size has no state for this rank and restarts from its seed, and
-    the log says so."""
-    saved = load_rank_state(source, rank)
-    if saved is None and getattr(data, "state_is_global", False):
-        saved = load_rank_state(source, 0)
-    state = saved["data"] if saved else None
-    if state is None:
-        log.warning(f"rank {rank}: the checkpoint holds no data-loader state for this rank (saved with another "
-                    "world size); the data stream restarts from its seed")
-        return
-    try:
-        data.load_state_dict(state)
-    except ValueError as e:
-        log.warning(f"rank {rank}: data-loader state does not fit this run ({e}); the data stream restarts "
-                    "from its seed")
+    # -- start ----------------------------------------------------------------------------
+    def resume(self) -> None:
+        """A rerun continues this run's own latest checkpoint; checkpoint.load only seeds a new
+        run (its weights, or its whole training state unless weights_only)."""
+        ck = self.cfg.checkpoint
+        own = latest_checkpoint(self.run_dir) if ck.resume else None
+        source = own or ck.load
+        if source is None:
+            return
+        if own is None and (ck.weights_only or not has_train_state(source)):
+            load_checkpoint(source, self.model)
+            if self.env.is_main:
+                log.info(f"loaded weights from {source}; training starts at step 0")
+            return
+        load_checkpoint(source, self.model, self.optimizer, self.state)
+        self.saved_step = self.state.step if own else None
+        if self.env.is_main:
+            log.info(f"resumed from {source} at step {self.state.step}")
 
+    # -- one step -------------------------------------------------------------------------
+    def forward_backward(self, micro: list[dict], n_targets: torch.Tensor, step: int) -> dict:
+        """Backward of every micro-batch; returns the step's sums for the metrics (this rank's)."""
+        sums = torch.zeros(4, dtype=torch.float64)  # CE, router aux, router z, routed token slots
+        counts = torch.zeros(len(self.moes), self.args.n_experts, dtype=torch.long)  # tokens per expert
+        accum = len(micro)
+        for batch in micro:
+            with failure_context("forward/backward (FSDP and expert collectives)", self.env.rank, step):
+                out = compute_loss(self.model, batch, self.args, global_targets=n_targets,
+                                   world_size=self.env.world_size, grad_accum=accum,
+                                   autocast_dtype=self.autocast_dtype)
+                self.faults.loss(out.loss, step).backward()
+            sums += torch.stack((out.ce_sum.cpu().double(), out.router[0].cpu().double() / accum,
+                                 out.router[1].cpu().double() / accum,
+                                 torch.tensor(float(out.routed_slots), dtype=torch.float64)))
+            counts += out.expert_counts
+        return {"sums": sums, "expert_counts": counts, "skipped": micro[-1].get("skipped", {})}
 
-def build_model(args: ModelArgs, seed: int) -> Transformer:
-    with torch.device("meta"):
-        model = Transformer(args)
-    n_params = sum(p.numel() for p in model.parameters())
-    torch.manual_seed(seed)
-    if n_params <= _FULL_INIT_MAX_PARAMS:
-        model = Transformer(args)
-        model.init_weights()
-    return model
+    def optimizer_step(self, grad_norm: torch.Tensor, step: int) -> bool:
+        """Step the optimizer and the schedule, unless the gradient norm is not finite: then the
+        step changes nothing (the weights, and so every checkpoint, stay finite) and is tried
+        again on the next batch; too many in a row stop the run. The norm is global, so every
+        rank takes the same decision."""
+        if math.isfinite(float(grad_norm)):
+            self.nonfinite_in_row = 0
+            self.optimizer.step()
+            self.state.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            return True
+        self.optimizer.zero_grad(set_to_none=True)
+        self.nonfinite_in_row += 1
+        limit = self.cfg.train.max_nonfinite_in_row
+        if self.env.is_main:
+            log.warning(f"step {step}: non-finite loss or gradient norm; step skipped ({self.nonfinite_in_row} in a "
+                        f"row, at most {limit})")
+        if self.nonfinite_in_row > limit:
+            self.checkpointer.wait()
+            last = latest_checkpoint(self.run_dir)
+            raise FloatingPointError(
+                f"{self.nonfinite_in_row} steps in a row had a non-finite loss or gradient norm (last at step {step}); "
+                f"stopping. The last checkpoint ({last or 'none'}) holds finite weights; lower optim.lr or inspect "
+                "the data, then rerun to resume from it")
+        self.metrics.write_event({"step": step, "nonfinite_skipped": self.nonfinite_in_row})
+        return False
+
+    def train_step(self) -> dict | None:
+        """One optimizer step. Returns its metrics row when the step is logged; None when it is
+        not, or when it was skipped as non-finite."""
+        t, step = self.cfg.train, self.state.step + 1
+        t0 = time.perf_counter()
+        self.faults.maybe_hang(step)
+        micro = [next(self.batches) for _ in range(t.grad_accum)]
+        with failure_context("counting targets (all-reduce)", self.env.rank, step):
+            n_targets = self.env.all_reduce(count_targets(micro))
+        stats = self.forward_backward(micro, n_targets, step)
+        with failure_context("gradient norm (all-reduce)", self.env.rank, step):
+            grad_norm = clip_grad_norm_(self.model.parameters(), t.max_grad_norm if t.max_grad_norm > 0 else math.inf)
+        lr = self.state.scheduler.get_last_lr()[0]
+        if not self.optimizer_step(grad_norm, step):
+            return None
+        self.state.step = step
+        self.state.tokens += int(n_targets.item())
+
+        every = self.cfg.logging.expert_table_interval
+        table_now = bool(self.moes) and every > 0 and step % every == 0
+        log_now = step % self.cfg.logging.interval == 0 or step == t.steps or table_now
+        counts = stats["expert_counts"]
+        if self.aux_free or (log_now and self.moes):
+            counts = self.env.all_reduce(counts)  # the whole dp world's routing
+        if self.aux_free:
+            update_expert_bias(self.moes, counts, self.args.aux_free_bias_update_rate)
+        if not log_now:
+            return None
+        return self.metrics_row(step, lr, grad_norm, n_targets, stats["sums"], counts, stats["skipped"],
+                                time.perf_counter() - t0, table_now)
+
+    def metrics_row(self, step, lr, grad_norm, n_targets, sums, counts, skipped, dt, table_now) -> dict:
+        """One metrics.jsonl line: global numbers, the same on every rank."""
+        sums = self.env.all_reduce(sums)
+        world, tokens = self.env.world_size, int(n_targets.item())
+        row = {"step": step, "loss": (sums[0] / n_targets).item(), "lr": lr, "grad_norm": float(grad_norm),
+               "tokens_per_s": tokens / dt, "tokens": self.state.tokens, "router_aux": (sums[1] / world).item(),
+               "router_z": (sums[2] / world).item(), "step_time_s": dt}
+        if self.moes:
+            row.update(expert_metrics(counts, self.model.moe_layers, int(sums[3])))
+        if skipped:  # corrupt or unreadable samples, counted since the start of each rank's stream
+            names = sorted(skipped)
+            totals = self.env.all_reduce(torch.tensor([float(skipped[k]) for k in names]))
+            row["data/skipped"] = int(totals.sum())
+            row.update({f"data/skipped/{k}": int(v) for k, v in zip(names, totals) if v})
+        if table_now:
+            row["expert_counts"] = counts.tolist()  # [MoE layer (ascending)][expert]
+        if self.peak_flops:
+            row["mfu"] = self.flops_per_token * tokens / dt / (self.peak_flops * world)
+            row["memory_gib"] = torch.cuda.max_memory_allocated(self.env.device) / 2**30
+        return row
+
+    def log(self, row: dict) -> None:
+        self.metrics.write(row)
+        self.wandb.log(row, row["step"])
+        self.rows.append(row)
+
+    def save(self) -> None:
+        with failure_context("checkpoint save", self.env.rank, self.state.step):
+            self.checkpointer.save(self.state.step, self.model, self.optimizer, self.state)
+        self.saved_step = self.state.step
+
+    # -- the run --------------------------------------------------------------------------
+    def run(self) -> list[dict]:
+        """Train to train.steps (or until a stop signal); returns the logged metric rows."""
+        self.resume()
+        self.started = (time.perf_counter(), self.state.step)
+        self.metrics = MetricsWriter(self.run_dir, self.env.is_main, self.cfg.train.steps, self.state.step)
+        self.wandb = WandbLogger(self.cfg.logging.wandb, self.run_dir, OmegaConf.to_container(self.cfg, resolve=True),
+                                 self.env.is_main)
+        self.batches = iter(self.data)
+        self.stop = StopRequest()
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        self.model.train()
+        outcome = "failed"
+        try:
+            interval = self.cfg.checkpoint.interval
+            while self.state.step < self.cfg.train.steps:
+                row = self.train_step()
+                if row is not None:
+                    self.log(row)
+                if self.stop.agreed(self.env.device):
+                    outcome = "stopped"
+                    break
+                step = self.state.step
+                due = interval and step % interval == 0 and step < self.cfg.train.steps
+                if due and step != self.saved_step:  # (a skipped step leaves the step where it was)
+                    self.save()
+            else:
+                outcome = "finished"
+        finally:
+            self.shutdown(outcome)
+        return self.rows
+
+    def shutdown(self, outcome: str) -> None:
+        """Every exit: finished, stopped by a signal, or failed. A finished or stopped run saves
+        its last step (the only collectives here; a failed run may have lost a rank), exports
+        when asked, and says where everything is; a stopped one is requeued under Slurm."""
+        main = self.env.is_main
+        try:
+            if outcome != "failed":
+                if outcome == "stopped" and main:
+                    log.warning(f"stop signal received: saving a checkpoint at step {self.state.step} and exiting")
+                if self.saved_step != self.state.step:
+                    self.save()
+                self.checkpointer.wait()
+            if outcome == "finished" and self.cfg.checkpoint.export_hf and main:
+                final = latest_checkpoint(self.run_dir)
+                export_to_hf(final, self.cfg.checkpoint.export_hf)
+                log.info(f"exported {final} to {self.cfg.checkpoint.export_hf} (Hugging Face format)")
+            if outcome != "failed":
+                self.env.barrier()
+        finally:
+            self.stop.restore()
+            self.wandb.finish()  # before a requeue: Slurm may end the job right after it
+            self.metrics.close()
+            if main and outcome != "failed":
+                log.info(self.summary(outcome))
+            if main and outcome == "stopped":
+                requeue_slurm_job()
+
+    def summary(self, outcome: str) -> str:
+        t0, first = self.started
+        step, steps = self.state.step, self.cfg.train.steps
+        wall = format_duration(time.perf_counter() - t0)
+        ckpt = latest_checkpoint(self.run_dir) or "none"
+        where = f"checkpoint {ckpt}; metrics {self.metrics.path}"
+        if self.cfg.checkpoint.export_hf and outcome == "finished":
+            where += f"; Hugging Face export {self.cfg.checkpoint.export_hf}"
+        if step == first:
+            return f"nothing to train: the run is at step {step} of {steps}; {where}"
+        loss = f", last loss {self.rows[-1]['loss']:.4f}" if self.rows else ""
+        head = (f"finished steps {first + 1}-{step} of {steps}" if outcome == "finished"
+                else f"stopped at step {step} of {steps} (rerun the same command to resume)")
+        return f"{head} in {wall}: {self.state.tokens:,} tokens trained in all{loss}; {where}"
 
 
 def train(cfg) -> list[dict]:
-    """Run training from a resolved config (a DictConfig with the PretrainConfig schema).
-    Returns the logged metric rows (rank 0; others get their own)."""
-    validate(cfg)
-    args = ModelArgs(**OmegaConf.to_container(cfg.model, resolve=True)).validate()
-    t, p = cfg.train, cfg.parallel
-    env = init_distributed(t.device, p.backend, p.timeout_s)
-    meshes = build_mesh(env, p.dp_shard, p.dp_replicate, p.ep, args.n_experts)
-    run_dir = cfg.run.dir
-    if env.is_main:
-        os.makedirs(run_dir, exist_ok=True)
-        OmegaConf.save(cfg, os.path.join(run_dir, "config.yaml"), resolve=True)
-
-    model = build_model(args, t.seed)
-    counts = count_parameters(model)
-    active_no_embed = sum(a for c, (_, a) in counts.items() if c != "embedding")
-    if env.is_main:
-        total = sum(n for n, _ in counts.values())
-        log.info(f"model: {total / 1e6:,.1f}M parameters, {sum(a for _, a in counts.values()) / 1e6:,.1f}M active; "
-                 f"{env.world_size} rank(s) on {env.device.type}")
-    meta = next(model.parameters()).is_meta
-    model = parallelize_model(model, meshes, param_dtype=p.param_dtype, reduce_dtype=p.reduce_dtype,
-                              activation_checkpointing=p.activation_checkpointing, compile=p.compile,
-                              device_type=env.device.type)
-    if meta:
-        model.to_empty(device=env.device)
-        model.init_weights()
-    else:
-        model.to(env.device)
-
-    optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, t.steps, cfg.optim)
-    data = build_data(cfg.data, args.vocab_size, t.seq_len, t.batch_size, env.rank, env.world_size, t.seed)
-    batches = iter(data)
-
-    step, tokens_seen = 0, 0
-    # A rerun continues this run's own latest checkpoint; checkpoint.load only seeds a new run.
-    own = latest_checkpoint(run_dir) if cfg.checkpoint.resume else None
-    source = own or cfg.checkpoint.load
-    full = own is not None or (source is not None and not cfg.checkpoint.weights_only and has_train_state(source))
-    if source and not full:
-        load_checkpoint(source, model)
-        if env.is_main:
-            log.info(f"loaded weights from {source}; training starts at step 0")
-    elif source:
-        state = load_checkpoint(source, model, optimizer)
-        step, tokens_seen = int(state["step"]), int(state["tokens"])
-        scheduler.load_state_dict(state["scheduler"])
-        _restore_data(data, source, env.rank)
-        if env.is_main:
-            log.info(f"resumed from {source} at step {step}")
-
-    use_bf16 = t.dtype == "bf16" or (t.dtype == "auto" and env.device.type == "cuda")
-    autocast = (torch.autocast(env.device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext)
-    metrics = MetricsWriter(run_dir, env.is_main, t.steps)
-    wandb_run = WandbLogger(cfg.logging.wandb, run_dir, OmegaConf.to_container(cfg, resolve=True), env.is_main)
-    peak = peak_flops(env.device)
-    flops_tok = flops_per_token(args, t.seq_len, active_no_embed)
-    rows: list[dict] = []
-    moes = moe_layers(model)
-    aux_free = args.load_balance == "aux_free" and bool(moes)
-    table_every = cfg.logging.expert_table_interval
-    model.train()
-    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-
-    faults = FaultInjector(t.faults, env.rank)
-    checkpointer = Checkpointer(run_dir, cfg.checkpoint.keep, env.rank, cfg.checkpoint.async_save,
-                                before_rename=faults.crash_in_save)
-    stop = StopRequest()
-    nonfinite_in_row = 0
-
-    def save() -> None:
-        with phase("checkpoint save", env.rank, step):
-            state = {"step": step, "tokens": tokens_seen, "scheduler": scheduler.state_dict()}
-            checkpointer.save(step, model, optimizer, state, rank_state={"data": data.state_dict()})
-
-    while step < t.steps:
-        t0 = time.perf_counter()
-        faults.maybe_hang(step + 1)
-        micro = [next(batches) for _ in range(t.grad_accum)]
-        with phase("counting targets (all-reduce)", env.rank, step + 1):
-            n_targets = _all_reduce_sum(torch.tensor(float(sum((b["labels"] != -100).sum() for b in micro))),
-                                        env.device)
-        # Summed CE, router aux, router z and routed token slots over micro-batches; float64 counts
-        # slots exactly at any scale.
-        sums = torch.zeros(4, dtype=torch.float64)
-        skipped: dict = {}
-        expert_counts = torch.zeros(len(moes), args.n_experts, dtype=torch.long)  # tokens per expert, this step
-        for b in micro:
-            tokens, labels = b["tokens"].to(env.device), b["labels"].to(env.device)
-            extra = {k: b[k].to(env.device) for k in ("positions", "doc_ids") if k in b}
-            if args.vision.enabled:
-                # Every rank runs the encoder every step (an empty batch of tiles when a batch has
-                # no images) so that FSDP's collectives and the optimizer state stay uniform.
-                size = args.vision.image_size
-                extra["images"] = b.get("images", torch.empty(0, 3, size, size)).to(env.device)
-            with phase("forward/backward (FSDP and expert collectives)", env.rank, step + 1):
-                with autocast():
-                    logits, router, layer_counts = model(tokens, **extra, return_router_stats=True)
-                ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
-                                     reduction="sum")
-                ce = faults.loss(ce, step + 1)
-                router = router.float()
-                loss = (ce * env.world_size / n_targets
-                        + (args.aux_loss_weight * router[0] + args.router_z_loss_coef * router[1]) / t.grad_accum)
-                loss.backward()
-            sums += torch.stack((ce.detach().cpu().double(), router[0].detach().cpu().double() / t.grad_accum,
-                                 router[1].detach().cpu().double() / t.grad_accum,
-                                 torch.tensor(float(tokens.numel() * args.top_k), dtype=torch.float64)))
-            expert_counts += layer_counts.cpu()
-            skipped = b.get("skipped", skipped)
-        # Dense and expert gradients live on different meshes under EP: clip_grad_norm_ combines them.
-        with phase("gradient norm (all-reduce)", env.rank, step + 1):
-            grad_norm = clip_grad_norm_(model.parameters(), t.max_grad_norm if t.max_grad_norm > 0 else math.inf)
-        lr = scheduler.get_last_lr()[0]
-        # The norm is global, so every rank takes the same decision. A non-finite step changes
-        # nothing (no update, no schedule step): the weights, and so every checkpoint, stay finite.
-        if not math.isfinite(float(grad_norm)):
-            optimizer.zero_grad(set_to_none=True)
-            nonfinite_in_row += 1
-            if env.is_main:
-                log.warning(f"step {step + 1}: non-finite loss or gradient norm; step skipped "
-                            f"({nonfinite_in_row} in a row, at most {t.max_nonfinite_in_row})")
-            if nonfinite_in_row > t.max_nonfinite_in_row:
-                checkpointer.wait()
-                last = latest_checkpoint(run_dir)
-                raise FloatingPointError(
-                    f"{nonfinite_in_row} steps in a row had a non-finite loss or gradient norm (last at step "
-                    f"{step + 1}); stopping. The last checkpoint ({last or 'none'}) holds finite weights; lower "
-                    "optim.lr or inspect the data, then rerun to resume from it")
-            metrics.write_event({"step": step + 1, "nonfinite_skipped": nonfinite_in_row})
-            continue
-        nonfinite_in_row = 0
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        step_tokens = int(n_targets.item())
-        tokens_seen += step_tokens
-
-        table_now = bool(moes) and table_every > 0 and step % table_every == 0
-        log_now = step % cfg.logging.interval == 0 or step == t.steps or table_now
-        if aux_free or (log_now and moes):
-            expert_counts = _all_reduce_sum(expert_counts, env.device)  # the whole dp world's routing
-        if aux_free:
-            update_expert_bias(moes, expert_counts, args.aux_free_bias_update_rate)
-
-        if log_now:
-            sums = _all_reduce_sum(sums, env.device)
-            dt = time.perf_counter() - t0
-            row = {"step": step, "loss": (sums[0] / n_targets).item(), "lr": lr,
-                   "grad_norm": float(grad_norm), "tokens_per_s": step_tokens / dt, "tokens": tokens_seen,
-                   "router_aux": (sums[1] / env.world_size).item(), "router_z": (sums[2] / env.world_size).item(),
-                   "step_time_s": dt}
-            if moes:
-                row.update(expert_metrics(expert_counts, model.moe_layers, int(sums[3])))
-            if skipped:  # corrupt or unreadable samples, counted since the start of each rank's stream
-                names = sorted(skipped)
-                totals = _all_reduce_sum(torch.tensor([float(skipped[k]) for k in names]), env.device)
-                row["data/skipped"] = int(totals.sum())
-                row.update({f"data/skipped/{k}": int(v) for k, v in zip(names, totals) if v})
-            if table_now:
-                row["expert_counts"] = expert_counts.tolist()  # [MoE layer (ascending)][expert]
-            if peak:
-                row["mfu"] = flops_tok * step_tokens / dt / (peak * env.world_size)
-                row["memory_gib"] = torch.cuda.max_memory_allocated(env.device) / 2**30
-            metrics.write(row)
-            wandb_run.log(row, step)
-            rows.append(row)
-        if stop.agreed(env.device):
-            if env.is_main:
-                log.warning(f"stop signal received: saving a checkpoint at step {step} and exiting")
-            save()
-            checkpointer.wait()
-            wandb_run.finish()  # before the requeue: Slurm may end the job right after it
-            if env.is_main:
-                requeue_slurm_job()
-            stop.restore()
-            metrics.close()
-            return rows
-        if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0 and step < t.steps:
-            save()
-    save()
-    checkpointer.wait()
-    stop.restore()
-    if cfg.checkpoint.export_hf and env.is_main:
-        final = latest_checkpoint(run_dir)
-        export_to_hf(final, cfg.checkpoint.export_hf)
-        log.info(f"exported {final} to {cfg.checkpoint.export_hf} (Hugging Face format)")
-    barrier()
-    wandb_run.finish()
-    metrics.close()
-    return rows
+    """Run training from a composed config (a DictConfig with the PretrainConfig schema).
+    Returns the logged metric rows (every rank gets the same global numbers)."""
+    return Trainer(cfg).run()

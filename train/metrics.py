@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 
 import torch
 
@@ -34,11 +35,64 @@ def flops_per_token(args: ModelArgs, seq_len: int, active_params_no_embedding: i
     return 6 * active_params_no_embedding + attn
 
 
+def format_duration(seconds: float) -> str:
+    """1h02m, 3m05s, 42s: what a person reads at a glance."""
+    seconds = max(0, int(round(seconds)))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    if h:
+        return f"{h}h{m:02d}m"
+    return f"{m}m{s:02d}s" if m else f"{s}s"
+
+
 class MetricsWriter:
-    def __init__(self, run_dir: str, is_main: bool, total_steps: int):
+    """metrics.jsonl on the main rank, plus the console line with the time remaining.
+
+    A run that starts at `start_step` (0, or the step of the checkpoint it resumed from) owns
+    every line after that step: lines an earlier attempt logged past it (a run killed after its
+    last checkpoint, or a new run in a used run.dir) are moved to metrics.rewound.jsonl, so
+    metrics.jsonl holds each step once, in order."""
+
+    def __init__(self, run_dir: str, is_main: bool, total_steps: int, start_step: int = 0):
         self.is_main, self.total_steps = is_main, total_steps
+        self.start_step = start_step
         self.path = os.path.join(run_dir, "metrics.jsonl")
-        self._f = open(self.path, "a") if is_main else None
+        self._t0 = time.perf_counter()
+        self._f = None
+        if is_main:
+            self._rewind(start_step)
+            self._f = open(self.path, "a")
+
+    def _rewind(self, start_step: int) -> None:
+        if not os.path.exists(self.path):
+            return
+        keep, moved = [], []
+        with open(self.path) as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                try:
+                    step = json.loads(line).get("step", 0)
+                except ValueError:  # a line cut short by a crash
+                    step = start_step + 1
+                (keep if step <= start_step else moved).append(line if line.endswith("\n") else line + "\n")
+        if not moved:
+            return
+        with open(os.path.join(os.path.dirname(self.path), "metrics.rewound.jsonl"), "a") as f:
+            f.writelines(moved)
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(keep)
+        os.replace(tmp, self.path)
+        log.info(f"metrics.jsonl: {len(moved)} line(s) after step {start_step} came from an earlier attempt; "
+                 "moved to metrics.rewound.jsonl")
+
+    def eta_seconds(self, step: int) -> float | None:
+        """Time remaining at the mean pace of this attempt's steps so far."""
+        done = step - self.start_step
+        if done <= 0:
+            return None
+        return (time.perf_counter() - self._t0) / done * (self.total_steps - step)
 
     def write(self, row: dict) -> None:
         if not self.is_main:
@@ -49,6 +103,9 @@ class MetricsWriter:
                 f"grad {row['grad_norm']:.3f} | {row['tokens_per_s']:,.0f} tok/s")
         if "mfu" in row:
             line += f" | mfu {row['mfu']:.1%}"
+        eta = self.eta_seconds(row["step"])
+        if eta is not None and row["step"] < self.total_steps:
+            line += f" | eta {format_duration(eta)}"
         log.info(line)
 
     def write_event(self, row: dict) -> None:
@@ -60,3 +117,4 @@ class MetricsWriter:
     def close(self) -> None:
         if self._f:
             self._f.close()
+            self._f = None

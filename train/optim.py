@@ -19,11 +19,14 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
 
 def wsd_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
     """Multiplier of optim.lr at `step` (0-based): linear warmup, constant, then a linear decay
-    over the last `decay_fraction` of the run down to `min_lr_ratio`."""
+    over the last `decay_fraction` of the run down to `min_lr_ratio` (starting no earlier than
+    the end of warmup)."""
     if cfg.warmup_steps and step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     decay_steps = int(round(cfg.decay_fraction * total_steps))
-    decay_start = total_steps - decay_steps
+    # A run shorter than warmup + decay decays over what warmup leaves (never before it ends).
+    decay_start = max(total_steps - decay_steps, cfg.warmup_steps)
+    decay_steps = total_steps - decay_start
     if decay_steps == 0 or step < decay_start:
         return 1.0
     progress = (step - decay_start + 1) / decay_steps
@@ -32,3 +35,15 @@ def wsd_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
 
 def build_scheduler(opt: torch.optim.Optimizer, total_steps: int, cfg: OptimConfig):
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: wsd_factor(s, total_steps, cfg))
+
+
+def schedule_at(scheduler: torch.optim.lr_scheduler.LambdaLR, step: int) -> None:
+    """Put the schedule where it is after `step` optimizer steps, with the learning rate the
+    *current* config gives there (the value LambdaLR would have computed, bit for bit). The
+    schedule is a function of the step, so a resumed run follows the config it resumes with: a
+    longer train.steps moves the decay instead of training at the old run's final rate."""
+    scheduler.last_epoch = step
+    lrs = [base * fn(step) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs
