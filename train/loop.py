@@ -66,8 +66,8 @@ class Trainer:
 
         self.moes = moe_layers(self.model)
         self.aux_free = self.args.load_balance == "aux_free" and bool(self.moes)
-        self.autocast_dtype = (torch.bfloat16 if t.dtype == "bfloat16" or (t.dtype == "auto" and self.env.device.type
-                                                                            == "cuda") else None)
+        use_bf16 = t.dtype == "bfloat16" or (t.dtype == "auto" and self.env.device.type == "cuda")
+        self.autocast_dtype = torch.bfloat16 if use_bf16 else None
         with torch.device("meta"):
             counts = count_parameters(Transformer(self.args))
         self.flops_per_token = flops_per_token(self.args, t.seq_len,

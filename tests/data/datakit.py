@@ -8,6 +8,7 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from data.tokenizer import Tokenizer
@@ -86,6 +87,16 @@ def key_dataset(
             ids[tok.encode(keys[n])[0]] = key
         write_tar(tmp / f"part-{s:04d}.tar", samples)
     return tmp, ids
+
+
+def same_batch(a: dict, b: dict) -> None:
+    """Two batches are identical: the same keys, tensors bitwise equal, the rest equal."""
+    assert a.keys() == b.keys()
+    for k in a:
+        if torch.is_tensor(a[k]):
+            assert torch.equal(a[k], b[k]), k
+        else:
+            assert a[k] == b[k], k
 
 
 def check_batch(batch: dict, tok: Tokenizer) -> None:

@@ -7,7 +7,7 @@ from data.args import DataArgs, Source
 from data.loader import MultimodalLoader
 from data.tokenizer import Tokenizer
 
-from datakit import check_batch, key_dataset
+from datakit import check_batch, key_dataset, same_batch
 
 TOK = Tokenizer.tiny()
 
@@ -28,15 +28,6 @@ def key_counts(all_batches, keys):
             if tid in counts:
                 counts[tid] += 1
     return counts
-
-
-def same(a, b):
-    assert a.keys() == b.keys()
-    for k in a:
-        if torch.is_tensor(a[k]):
-            assert torch.equal(a[k], b[k]), k
-        else:
-            assert a[k] == b[k], k
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +64,7 @@ def test_resume_is_exact_two_ranks_two_workers(keyset):
         resumed.load_state_dict(state)
         tail = batches(resumed, 9)
         for x, y in zip(full, head + tail):
-            same(x, y)
+            same_batch(x, y)
         assert any(b["images"].shape[0] for b in full)
 
 
@@ -89,7 +80,7 @@ def test_worker_processes_match_in_process_and_resume(keyset):
     resumed.load_state_dict(state)
     tail = batches(resumed, 4)
     for x, y in zip(ref, head + tail):
-        same(x, y)
+        same_batch(x, y)
 
 
 def test_different_seeds_and_ranks_differ(keyset):

@@ -5,7 +5,6 @@ the end of a finite run included."""
 import json
 
 import pytest
-import torch
 
 from data.args import DataArgs, Source
 from data.loader import MultimodalLoader
@@ -13,7 +12,7 @@ from data.shards import expand_shards
 from data.stream import SourceStream
 from data.tokenizer import Tokenizer
 
-from datakit import key_dataset, write_tar
+from datakit import key_dataset, same_batch, write_tar
 
 TOK = Tokenizer.tiny()
 SHARDS, PER_SHARD = 8, 3  # 2 ranks x 2 workers: each stream reads 2 shards = 6 samples an epoch
@@ -21,15 +20,6 @@ SHARDS, PER_SHARD = 8, 3  # 2 ranks x 2 workers: each stream reads 2 shards = 6 
 
 def roundtrip(state):
     return json.loads(json.dumps(state))  # checkpoints store the state as JSON
-
-
-def same(a, b):
-    assert a.keys() == b.keys()
-    for k in a:
-        if torch.is_tensor(a[k]):
-            assert torch.equal(a[k], b[k]), k
-        else:
-            assert a[k] == b[k], k
 
 
 # -- SourceStream: every item boundary ---------------------------------------------------------
@@ -169,7 +159,7 @@ def check_resume_everywhere(args, in_process, min_epochs, n=None, batch_size=2):
             assert len(tail) == len(full) - i, f"rank {rank}, resumed after batch {i}"
             for j, (x, y) in enumerate(zip(full[i:], tail)):
                 try:
-                    same(x, y)
+                    same_batch(x, y)
                 except AssertionError as e:
                     raise AssertionError(f"rank {rank}, resumed after batch {i}: batch {i + j} differs ({e})")
         saved += states
