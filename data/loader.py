@@ -15,10 +15,15 @@ Batch dict:
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import hashlib
+import json
+import signal
+import threading
 from typing import Iterator
 
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, _utils, get_worker_info
 
 from data.args import DataArgs
 from data.shards import expand_shards
@@ -26,6 +31,48 @@ from data.stream import WorkerStream
 from data.tokenizer import Tokenizer
 
 STATE_VERSION = 1
+# Signals that ask a run to stop (preemption, Ctrl-C, Slurm's --signal): the trainer handles
+# them (train/faults.py), loader workers ignore them (_iter_processes).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
+
+
+@contextlib.contextmanager
+def _stop_signals_blocked():
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _stop_workers(batches, force: bool) -> None:
+    """Shut a DataLoader iterator's workers down now. They ignore SIGTERM (see STOP_SIGNALS), so
+    one stuck in I/O would survive DataLoader's own terminate() and, as a daemon, hang the
+    interpreter's exit: whatever is still alive is killed. `force` kills first (a stall)."""
+    workers = list(getattr(batches, "_workers", []))
+    if force:
+        if getattr(batches, "_worker_pids_set", False):  # DataLoader's SIGCHLD watch would call it a crash
+            _utils.signal_handling._remove_worker_pids(id(batches))
+            batches._worker_pids_set = False
+        for w in workers:
+            if w.is_alive():
+                w.kill()
+    shutdown = getattr(batches, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+    for w in workers:
+        if w.is_alive():
+            w.kill()
+            w.join(5)
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 def resolve_urls(urls: str | list[str]) -> list[str]:
@@ -57,6 +104,10 @@ def _make_stream(spec: dict, worker: int, state: dict | None) -> WorkerStream:
     return stream
 
 
+class DataStall(RuntimeError):
+    """The data source of this rank produced nothing for longer than the loader's timeout."""
+
+
 class _StreamsDataset(IterableDataset):
     """What a DataLoader worker process runs: logical stream (process id + first) % n."""
 
@@ -84,6 +135,7 @@ class MultimodalLoader:
         in_process: bool = False,
         pin_memory: bool = False,
         prefetch_factor: int = 2,
+        timeout_s: float = 0,
     ):
         args.validate()
         if not 0 <= rank < world_size:
@@ -94,6 +146,7 @@ class MultimodalLoader:
         self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
         self.num_workers, self.in_process = num_workers, in_process or num_workers == 0
         self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
+        self.timeout_s = timeout_s  # worker processes: a batch that takes longer is a DataStall (0: wait forever)
         self.num_streams = max(1, num_workers)
         self.tokenizer = Tokenizer.load(args.tokenizer, args.num_special_tokens)
         self.urls = [resolve_urls(s.urls) for s in args.resolved_sources()]
@@ -146,11 +199,36 @@ class MultimodalLoader:
             pin_memory=self.pin_memory,
             prefetch_factor=self.prefetch_factor,
             persistent_workers=False,
+            worker_init_fn=_ignore_stop_signals,
+            timeout=self.timeout_s,
         )
-        for batch in loader:
-            w = batch.pop("_worker")
-            if self._consume(w, batch, batch.pop("_state")):
-                yield batch
+        # Workers start with the stop signals blocked and then ignore them, so a signal sent to
+        # the whole process group (torchrun's shutdown, Ctrl-C, Slurm's --signal) is left to the
+        # training process, which stops at a step boundary and shuts its workers down itself.
+        with _stop_signals_blocked():
+            batches = iter(loader)
+        stalled = False
+        try:
+            while True:
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    return
+                except RuntimeError as e:
+                    if "timed out" not in str(e):
+                        raise
+                    stalled = True
+                    raise DataStall(f"rank {self.rank}: no batch from the data loader's workers in "
+                                    f"{self.timeout_s:g} s (shards: {self._describe_sources()}); a source may be "
+                                    "hanging (a slow pipe: command, a stalled filesystem)") from None
+                w = batch.pop("_worker")
+                if self._consume(w, batch, batch.pop("_state")):
+                    yield batch
+        finally:
+            _stop_workers(batches, force=stalled)
+
+    def _describe_sources(self) -> str:
+        return "; ".join(f"{len(u)} from {u[0]!r}" for u in self.urls)
 
     def _consume(self, w: int, batch: dict, state: dict) -> bool:
         """Record what stream w handed over; True if it is a batch to yield (not an end marker)."""
@@ -181,6 +259,10 @@ class MultimodalLoader:
 
     # -- resume ----------------------------------------------------------------------------
     def _fingerprint(self) -> dict:
+        """The settings a saved state must match. Source urls are kept as a digest: a url may hold
+        a credential (a pipe: command's token), and checkpoints are plain JSON."""
+        args = self.args.fingerprint()
+        args["sources"] = hashlib.sha256(json.dumps(args["sources"]).encode()).hexdigest()
         return {
             "rank": self.rank,
             "world_size": self.world_size,
@@ -188,7 +270,7 @@ class MultimodalLoader:
             "batch_size": self.batch_size,
             "seq_len": self.seq_len,
             "seed": self.seed,
-            "args": self.args.fingerprint(),
+            "args": args,
             "shards": [len(u) for u in self.urls],
         }
 

@@ -157,6 +157,9 @@ def validate(cfg: PretrainConfig) -> None:
     need(t.seq_len <= cfg.model.max_seq_len,
          f"train.seq_len={t.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
     need(o.lr > 0, f"optim.lr={o.lr} must be positive")
+    need(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must be >= 0")
+    need(o.eps > 0, f"optim.eps={o.eps} must be positive")
+    need(p.timeout_s > 0, f"parallel.timeout_s={p.timeout_s} must be positive (seconds a collective may take)")
     need(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, f"optim betas ({o.beta1}, {o.beta2}) must be in [0, 1)")
     need(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0")
     need(0 <= o.decay_fraction <= 1, f"optim.decay_fraction={o.decay_fraction} must be in [0, 1]")
@@ -173,6 +176,22 @@ def validate(cfg: PretrainConfig) -> None:
     need(cfg.logging.expert_table_interval >= 0,
          f"logging.expert_table_interval={cfg.logging.expert_table_interval} must be >= 0")
     _choice("logging.wandb.mode", cfg.logging.wandb.mode, ("online", "offline", "disabled"))
+
+
+def config_for_disk(cfg) -> dict:
+    """The resolved config as a plain dict for config.yaml and wandb, except that values read
+    from the environment (`${oc.env:...}`, e.g. a token in a pipe: url) keep their interpolation:
+    a secret never reaches a file."""
+    def merge(resolved, raw):
+        if isinstance(raw, str) and ("${oc.env:" in raw or "${env:" in raw):
+            return raw
+        if isinstance(resolved, dict) and isinstance(raw, dict):
+            return {k: merge(v, raw.get(k)) for k, v in resolved.items()}
+        if isinstance(resolved, list) and isinstance(raw, list) and len(resolved) == len(raw):
+            return [merge(v, r) for v, r in zip(resolved, raw)]
+        return resolved
+
+    return merge(OmegaConf.to_container(cfg, resolve=True), OmegaConf.to_container(cfg, resolve=False))
 
 
 def model_args(cfg) -> ModelArgs:

@@ -12,13 +12,14 @@ from model import ModelArgs
 
 
 def build_data(args: DataArgs, model: ModelArgs, seq_len: int, batch_size: int, rank: int, world_size: int,
-               seed: int):
+               seed: int, stall_timeout_s: float = 0):
+    """`stall_timeout_s`: with loader workers, a batch that takes longer raises data.loader.DataStall."""
     if args.kind == "text":
         return TextBatches(args.path, seq_len, batch_size, model.vocab_size, rank, world_size, seed)
     from data import MultimodalLoader
 
     loader = MultimodalLoader(args, rank=rank, world_size=world_size, batch_size=batch_size, seq_len=seq_len,
-                              seed=seed, num_workers=args.num_workers)
+                              seed=seed, num_workers=args.num_workers, timeout_s=stall_timeout_s)
     check_tokenizer_fits(loader.tokenizer, args.tokenizer, model)
     return loader
 

@@ -14,16 +14,23 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
+from data.loader import STOP_SIGNALS
+
 log = logging.getLogger("herd")
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
 
 
 class StopRequest:
-    """SIGTERM and SIGUSR2 only set a flag; the loop checks it between steps, all ranks agree
-    with one all-reduce, save a checkpoint and exit cleanly."""
+    """A stop signal (SIGTERM, SIGUSR2, SIGINT: data.loader.STOP_SIGNALS) only sets a flag; the
+    loop checks it between steps, all ranks agree with one all-reduce, save a checkpoint and
+    exit cleanly. A second SIGINT (Ctrl-C twice) aborts at once, without a checkpoint; one that
+    follows the first within ABORT_AFTER_S is the same Ctrl-C arriving twice (from the terminal
+    and forwarded by torchrun) and changes nothing."""
+
+    ABORT_AFTER_S = 2.0
 
     def __init__(self):
         self.signum: int | None = None
+        self._since = 0.0
         self._previous = {}
         for sig in STOP_SIGNALS:
             try:
@@ -32,7 +39,13 @@ class StopRequest:
                 pass
 
     def _handle(self, signum, frame) -> None:
-        self.signum = signum
+        if self.signum is not None:
+            if signum == signal.SIGINT and time.monotonic() - self._since > self.ABORT_AFTER_S:
+                raise KeyboardInterrupt
+            return
+        self.signum, self._since = signum, time.monotonic()
+        log.warning(f"{signal.Signals(signum).name} received: stopping after this step with a checkpoint"
+                    + (" (Ctrl-C again to abort without one)" if signum == signal.SIGINT else ""))
 
     def agreed(self, device: torch.device) -> bool:
         """True on every rank when any rank got a stop signal."""

@@ -13,6 +13,8 @@ train/checkpoint.py.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
 import math
 import os
@@ -20,16 +22,17 @@ import time
 import warnings
 
 import torch
+import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from model import Transformer
 from model.params import count_parameters
-from parallel import build_mesh, clip_grad_norm_, init_distributed
+from parallel import build_mesh, clip_grad_norm_, init_distributed, mesh_shape
 
 from .balance import expert_metrics, moe_layers, update_expert_bias
 from .build import build_parallel_model
 from .checkpoint import Checkpointer, export_to_hf, has_train_state, latest_checkpoint, load_checkpoint
-from .config import data_args, model_args, validate
+from .config import config_for_disk, data_args, model_args, validate
 from .data import build_data
 from .faults import FaultInjector, StopRequest, failure_context, requeue_slurm_job
 from .loss import compute_loss, count_targets
@@ -48,15 +51,22 @@ class Trainer:
         validate(cfg)
         self.cfg, t, p = cfg, cfg.train, cfg.parallel
         self.args = model_args(cfg)
+        # The layout is checked before the process group exists, so that its error is a config
+        # error (the same on every rank), not one per rank.
+        mesh_shape(int(os.environ.get("WORLD_SIZE", "1")), p.dp_shard, p.dp_replicate, p.ep, self.args.n_experts)
         self.env = init_distributed(t.device, p.backend, p.timeout_s)
+        check_ranks_agree(self.env, cfg)
         self.meshes = build_mesh(self.env, p.dp_shard, p.dp_replicate, p.ep, self.args.n_experts)
         self.run_dir = cfg.run.dir
         if self.env.is_main:
             os.makedirs(self.run_dir, exist_ok=True)
-            OmegaConf.save(cfg, os.path.join(self.run_dir, "config.yaml"), resolve=True)
+            OmegaConf.save(OmegaConf.create(config_for_disk(cfg)), os.path.join(self.run_dir, "config.yaml"))
 
+        # A rank whose data source produces nothing for this long says so, before the other
+        # ranks' collectives time out waiting for it.
+        stall_s = max(30.0, p.timeout_s / 2)
         self.data = build_data(data_args(cfg), self.args, t.seq_len, t.batch_size, self.env.rank,
-                               self.env.world_size, t.seed)
+                               self.env.world_size, t.seed, stall_s)
         self.model = build_parallel_model(self.args, t.seed, p, self.env, self.meshes)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.state = TrainState(build_scheduler(self.optimizer, t.steps, cfg.optim), self.data, self.env.rank)
@@ -79,6 +89,7 @@ class Trainer:
                      f"{self.env.device.type}")
         self.rows: list[dict] = []
         self.nonfinite_in_row = 0
+        self.empty_in_row = 0  # global batches without a target token, in a row
         self.saved_step: int | None = None  # the step of the newest checkpoint this attempt wrote or loaded
 
     # -- start ----------------------------------------------------------------------------
@@ -145,6 +156,21 @@ class Trainer:
         self.metrics.write_event({"step": step, "nonfinite_skipped": self.nonfinite_in_row})
         return False
 
+    def skip_empty_batch(self, step: int) -> None:
+        """A global batch without a single target token (only media placeholders and padding)
+        would train on nothing and log a NaN loss: the step is not taken, and is reported and
+        counted. A data source that keeps yielding such batches stops the run, named."""
+        self.empty_in_row += 1
+        limit = self.cfg.train.max_nonfinite_in_row
+        if self.env.is_main:
+            log.warning(f"step {step}: the batch holds no target token (only media placeholders or padding); step "
+                        f"skipped ({self.empty_in_row} in a row, at most {limit})")
+        if self.empty_in_row > limit:
+            sources = ", ".join(str(s.urls) for s in data_args(self.cfg).resolved_sources())
+            raise ValueError(f"{self.empty_in_row} batches in a row held no target token: the data ({sources}) "
+                             "yields documents that are all media placeholders; check its text, or data.max_tiles")
+        self.metrics.write_event({"step": step, "no_targets_skipped": self.empty_in_row})
+
     def train_step(self) -> dict | None:
         """One optimizer step. Returns its metrics row when the step is logged; None when it is
         not, or when it was skipped as non-finite."""
@@ -154,6 +180,10 @@ class Trainer:
         micro = [next(self.batches) for _ in range(t.grad_accum)]
         with failure_context("counting targets (all-reduce)", self.env.rank, step):
             n_targets = self.env.all_reduce(count_targets(micro))
+        if n_targets.item() == 0:
+            self.skip_empty_batch(step)
+            return None
+        self.empty_in_row = 0
         stats = self.forward_backward(micro, n_targets, step)
         with failure_context("gradient norm (all-reduce)", self.env.rank, step):
             grad_norm = clip_grad_norm_(self.model.parameters(), t.max_grad_norm if t.max_grad_norm > 0 else math.inf)
@@ -213,8 +243,7 @@ class Trainer:
         self.resume()
         self.started = (time.perf_counter(), self.state.step)
         self.metrics = MetricsWriter(self.run_dir, self.env.is_main, self.cfg.train.steps, self.state.step)
-        self.wandb = WandbLogger(self.cfg.logging.wandb, self.run_dir, OmegaConf.to_container(self.cfg, resolve=True),
-                                 self.env.is_main)
+        self.wandb = WandbLogger(self.cfg.logging.wandb, self.run_dir, config_for_disk(self.cfg), self.env.is_main)
         self.batches = iter(self.data)
         self.stop = StopRequest()
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -247,7 +276,7 @@ class Trainer:
         try:
             if outcome != "failed":
                 if outcome == "stopped" and main:
-                    log.warning(f"stop signal received: saving a checkpoint at step {self.state.step} and exiting")
+                    log.warning(f"stopping: saving a checkpoint at step {self.state.step}")
                 if self.saved_step != self.state.step:
                     self.save()
                 self.checkpointer.wait()
@@ -258,6 +287,9 @@ class Trainer:
             if outcome != "failed":
                 self.env.barrier()
         finally:
+            close = getattr(self.batches, "close", None)
+            if close is not None:
+                close()  # the loader's worker processes end here, not at interpreter exit
             self.stop.restore()
             self.wandb.finish()  # before a requeue: Slurm may end the job right after it
             self.metrics.close()
@@ -280,6 +312,42 @@ class Trainer:
         head = (f"finished steps {first + 1}-{step} of {steps}" if outcome == "finished"
                 else f"stopped at step {step} of {steps} (rerun the same command to resume)")
         return f"{head} in {wall}: {self.state.tokens:,} tokens trained in all{loss}; {where}"
+
+
+def check_ranks_agree(env, cfg) -> None:
+    """Every rank runs the same config and the same herd code: a rank started with other
+    overrides or from another checkout fails here, named, instead of in a mismatched collective."""
+    if env.world_size == 1:
+        return
+    mine = (_digest(OmegaConf.to_yaml(cfg, resolve=True)), code_version())
+    theirs = [None] * env.world_size
+    dist.all_gather_object(theirs, mine)
+    for what, i in (("config", 0), ("herd code", 1)):
+        groups: dict[str, list[int]] = {}
+        for rank, digests in enumerate(theirs):
+            groups.setdefault(digests[i], []).append(rank)
+        if len(groups) > 1:
+            split = "; ".join(f"ranks {ranks}" for ranks in sorted(groups.values()))
+            raise ValueError(f"the ranks were started with different {what}: {split} agree among themselves; start "
+                             "every rank with the same command, overrides and checkout")
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@functools.cache
+def code_version() -> str:
+    """A digest of herd's Python sources (model, parallel, data, train)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    h = hashlib.sha256()
+    for package in ("model", "parallel", "data", "train"):
+        for dirpath, dirnames, files in sorted(os.walk(os.path.join(root, package))):
+            dirnames.sort()
+            for name in sorted(f for f in files if f.endswith(".py")):
+                with open(os.path.join(dirpath, name), "rb") as f:
+                    h.update(name.encode() + f.read())
+    return h.hexdigest()
 
 
 def train(cfg) -> list[dict]:

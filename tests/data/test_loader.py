@@ -120,3 +120,23 @@ def test_bad_settings_name_the_field(keyset):
         MultimodalLoader(DataArgs(sources=[Source(str(root), 0.0)]))
     with pytest.raises(ValueError, match="urls"):
         MultimodalLoader(DataArgs(urls=[]))
+
+
+def test_a_stalled_source_is_reported_as_a_data_stall(tmp_path, keyset):
+    """A shard that never delivers a byte (a FIFO with no writer: a hung filesystem or remote
+    read) stops the rank with a DataStall naming it, not a silent hang."""
+    import os
+    import shutil
+
+    from data.loader import DataStall
+
+    root, _ = keyset
+    shards = tmp_path / "shards"
+    shutil.copytree(root, shards)
+    for tar in sorted(shards.glob("*.tar"))[1:]:
+        tar.unlink()
+    os.mkfifo(shards / "part-9999.tar")  # the second stream's only shard: it blocks on open
+    loader = MultimodalLoader(DataArgs(urls=str(shards)), batch_size=1, seq_len=128, num_workers=2, timeout_s=2)
+    with pytest.raises(DataStall, match=r"rank 0: no batch from the data loader's workers in 2 s \(shards: 2 from"):
+        for _ in loader:
+            pass

@@ -8,7 +8,7 @@ import sys
 import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
 
-from tests.helpers import ROOT, compose
+from tests.helpers import ROOT, compose, run_ranks
 
 
 @pytest.fixture
@@ -43,6 +43,10 @@ def trainer_error(tmp_path, monkeypatch):
     ("data.num_workers=-1", "data.num_workers=-1"),
     ("+data.sources=[{urls: sample, weight: 0}]", "weight=0"),
     ("checkpoint.keep=0", "checkpoint.keep=0"),
+    ("optim.weight_decay=-5", "optim.weight_decay=-5"),
+    ("optim.eps=0", "optim.eps=0"),
+    ("parallel.timeout_s=0", "parallel.timeout_s=0"),
+    ("parallel.dp_replicate=0", "parallel.dp_replicate=0"),
 ])
 def test_bad_value_stops_before_the_model_is_built(trainer_error, override, expected):
     assert expected in trainer_error([override])
@@ -127,3 +131,22 @@ def test_plan_help_and_errors():
     out = subprocess.run([sys.executable, "launch/plan.py", "+model=tiny", "model.dimm=1"], cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode != 0 and "dimm" in out.stderr and "Traceback" not in out.stderr
+
+
+def _start_with(overrides_by_rank):
+    import os
+
+    from train.loop import Trainer
+
+    try:
+        Trainer(compose(overrides_by_rank[int(os.environ["RANK"])]))
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def test_ranks_started_with_different_configs_are_named(tmp_path):
+    common = ["+model=tiny", "data=text", f"run.dir={tmp_path}", "logging.wandb.mode=disabled"]
+    errors = run_ranks(_start_with, 2, [common + ["optim.lr=1e-3"], common + ["optim.lr=3e-4"]])
+    assert errors[0] == errors[1] and "different config: ranks [0]; ranks [1]" in errors[0]
+    assert run_ranks(_start_with, 2, [common, common]) == [None, None]  # the same config starts

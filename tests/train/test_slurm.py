@@ -108,11 +108,22 @@ def test_sbatch_builds_one_torchrun_command_per_node(tmp_path, fake_slurm):
                 "--rdzv_id=4242"):
         assert arg in cmd, arg
     # the overrides pass through untouched, and run.dir follows the job name (the same after a requeue)
-    assert cmd[-4:] == ["launch/pretrain.py", "+model=scout", "optim.lr=3e-4", "run.dir=outputs/tiny-2n"]
+    assert cmd[-4:] == ["launch/pretrain.py", "+model=scout", "optim.lr=3e-4", "run.dir='outputs/tiny-2n'"]
     # a run.dir of the caller's wins
     out = sbatch(env, "+model=scout", "run.dir=/scratch/mine")
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "srun_command").read_text().splitlines()[-1] == "run.dir=/scratch/mine"
+
+    # Job names and HERD_RUN_DIR values with override syntax in them stay literal paths.
+    from tests.helpers import compose
+
+    for extra, expected in (({"SLURM_JOB_NAME": "my job,x=${oc.env:HOME}"}, "outputs/my_job_x___oc.env_HOME_"),
+                            ({"HERD_RUN_DIR": "/scratch/it's a run, x=${oc.env:HOME}"},
+                             "/scratch/it's a run, x=${oc.env:HOME}")):
+        out = sbatch({**env, **extra}, "+model=tiny")
+        assert out.returncode == 0, out.stderr
+        override = (tmp_path / "srun_command").read_text().splitlines()[-1]
+        assert compose(["+model=tiny", override]).run.dir == expected, override
 
 
 def _children(pid: int) -> list[int]:
