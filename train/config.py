@@ -41,6 +41,7 @@ class FaultsConfig:
     """Deliberate faults that tests use to prove the recovery paths; leave them alone."""
 
     nan_steps: list[int] = field(default_factory=list)  # make the loss non-finite at these steps
+    empty_steps: list[int] = field(default_factory=list)  # take every target token out of these steps' batches
     hang_rank: int = -1  # this rank sleeps hang_seconds before step hang_step
     hang_step: int = -1
     hang_seconds: float = 0.0

@@ -94,9 +94,17 @@ class FaultInjector:
     def __init__(self, cfg, rank: int):
         # A step listed k times is non-finite on k attempts (a skipped step is attempted again).
         self.nan_steps = Counter(cfg.nan_steps)
+        self.empty_steps = Counter(cfg.empty_steps)
         self.hang = (cfg.hang_rank, cfg.hang_step, cfg.hang_seconds)
         self.crash_in_save_step = cfg.crash_in_save_step
         self.rank = rank
+
+    def batches(self, micro: list[dict], step: int) -> list[dict]:
+        """As the data gave them, or (at an empty step) with no target token left."""
+        if self.empty_steps[step] > 0:
+            self.empty_steps[step] -= 1
+            return [{**b, "labels": torch.full_like(b["labels"], -100)} for b in micro]
+        return micro
 
     def loss(self, loss: torch.Tensor, step: int) -> torch.Tensor:
         if self.nan_steps[step] > 0:

@@ -166,8 +166,10 @@ class Trainer:
             log.warning(f"step {step}: the batch holds no target token (only media placeholders or padding); step "
                         f"skipped ({self.empty_in_row} in a row, at most {limit})")
         if self.empty_in_row > limit:
-            sources = ", ".join(str(s.urls) for s in data_args(self.cfg).resolved_sources())
-            raise ValueError(f"{self.empty_in_row} batches in a row held no target token: the data ({sources}) "
+            args = data_args(self.cfg)
+            where = (f"data.path={args.path or 'the pydoc topics'}" if args.kind == "text"
+                     else ", ".join(str(s.urls) for s in args.resolved_sources()))
+            raise ValueError(f"{self.empty_in_row} batches in a row held no target token: the data ({where}) "
                              "yields documents that are all media placeholders; check its text, or data.max_tiles")
         self.metrics.write_event({"step": step, "no_targets_skipped": self.empty_in_row})
 
@@ -177,7 +179,7 @@ class Trainer:
         t, step = self.cfg.train, self.state.step + 1
         t0 = time.perf_counter()
         self.faults.maybe_hang(step)
-        micro = [next(self.batches) for _ in range(t.grad_accum)]
+        micro = self.faults.batches([next(self.batches) for _ in range(t.grad_accum)], step)
         with failure_context("counting targets (all-reduce)", self.env.rank, step):
             n_targets = self.env.all_reduce(count_targets(micro))
         if n_targets.item() == 0:

@@ -94,3 +94,32 @@ def test_durations_read_at_a_glance(seconds, text):
     from train.metrics import format_duration
 
     assert format_duration(seconds) == text
+
+
+def test_a_batch_without_targets_is_skipped_and_counted(tmp_path):
+    """A global batch whose labels are all -100 trains nothing: no NaN loss, no update, a line in
+    metrics.jsonl; the next batches train the step. Too many in a row stop the run, naming the data."""
+    rows = train("train.steps=4", "train.faults.empty_steps=[2,2]", f"run.dir={tmp_path}/once")
+    lines = [json.loads(x) for x in open(tmp_path / "once/metrics.jsonl")]
+    assert [line for line in lines if "no_targets_skipped" in line] == [
+        {"step": 2, "no_targets_skipped": 1}, {"step": 2, "no_targets_skipped": 2}]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(r["loss"] == r["loss"] for r in rows)
+    with pytest.raises(ValueError, match=r"4 batches in a row held no target token: the data \(data.path=the pydoc topics\)"):
+        train("train.steps=4", "train.max_nonfinite_in_row=3", "train.faults.empty_steps=[2,2,2,2]",
+              f"run.dir={tmp_path}/many")
+
+
+def test_environment_secrets_never_reach_the_run_dir(tmp_path, monkeypatch):
+    """A value read with ${oc.env:...} (a token in a pipe: url, say) stays an interpolation in
+    config.yaml, and checkpoints hold no copy of it."""
+    from data.sample import ensure_sample
+
+    monkeypatch.setenv("HERD_TEST_SHARDS", str(ensure_sample()))
+    run_dir = tmp_path / "run"
+    train("train.steps=1", "data=sample", "data.num_workers=0", "data.urls=${oc.env:HERD_TEST_SHARDS}",
+          f"run.dir={run_dir}")
+    secret = str(ensure_sample())
+    assert "${oc.env:HERD_TEST_SHARDS}" in (run_dir / "config.yaml").read_text()
+    for path in run_dir.rglob("*"):
+        if path.is_file() and path.suffix in (".yaml", ".json", ".jsonl"):
+            assert secret not in path.read_text(), path
