@@ -15,7 +15,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import uuid
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -395,20 +398,32 @@ def state_dict_to_hf(sd: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, 
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a folder: the files model.safetensors.index.json lists, or every *.safetensors
+    when there is no index. A folder that mixes two exports (an index that does not list a
+    *.safetensors file beside it or does not name the tensors its files hold, or one tensor in two
+    files) is an error, never a silent choice between old and new weights."""
     from safetensors.torch import load_file
 
     index = path / "model.safetensors.index.json"
-    if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    else:
-        files = sorted(p.name for p in path.glob("*.safetensors"))
+    present = sorted(p.name for p in path.glob("*.safetensors"))
+    weight_map = json.loads(index.read_text())["weight_map"] if index.exists() else None
+    files = sorted(set(weight_map.values())) if weight_map is not None else present
     if not files:
         raise FileNotFoundError(f"no *.safetensors files in {path}")
+    stale = f"{path} mixes two exports; export again into an empty folder, or remove the files that do not belong"
+    if weight_map is not None and (unlisted := sorted(set(present) - set(files))):
+        raise ValueError(f"{index.name} does not list {', '.join(unlisted)}: {stale}")
     sd: dict[str, torch.Tensor] = {}
     for f in files:
         if not (path / f).exists():
             raise FileNotFoundError(f"{path / f} is listed in the index but missing")
-        sd.update(load_file(path / f))
+        part = load_file(path / f)
+        if twice := sorted(set(part) & set(sd))[:3]:
+            raise ValueError(f"{f} holds {', '.join(twice)}, which another *.safetensors file holds too: {stale}")
+        sd.update(part)
+    if weight_map is not None and set(sd) != set(weight_map):
+        odd = sorted(set(sd) ^ set(weight_map))[:3]
+        raise ValueError(f"{index.name} and the files it lists disagree on {', '.join(odd)}: {stale}")
     return sd
 
 
@@ -464,29 +479,60 @@ def to_hf(model: Transformer | dict, out_dir, args: ModelArgs | None = None, dty
     hf = state_dict_to_hf(sd, args)
     hf = {k: (v.to(dtype) if dtype else v).detach().cpu().contiguous() for k, v in hf.items()}
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     cfg = hf_config_from_args(args, _weights_dtype(hf))
-    (out / "config.json").write_text(json.dumps(cfg, indent=2))
-
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for k, v in hf.items():
-        nbytes = v.numel() * v.element_size()
-        if size and size + nbytes > _SHARD_BYTES:
-            shards.append({})
-            size = 0
-        shards[-1][k] = v
-        size += nbytes
-    if len(shards) == 1:
-        save_file(shards[0], out / "model.safetensors", metadata={"format": "pt"})
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, out / fname, metadata={"format": "pt"})
-            weight_map.update({k: fname for k in shard})
-        total = sum(v.numel() * v.element_size() for v in hf.values())
-        (out / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
-        )
+    with _replacing(Path(os.path.abspath(out))) as tmp:
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        shards: list[dict[str, torch.Tensor]] = [{}]
+        size = 0
+        for k, v in hf.items():
+            nbytes = v.numel() * v.element_size()
+            if size and size + nbytes > _SHARD_BYTES:
+                shards.append({})
+                size = 0
+            shards[-1][k] = v
+            size += nbytes
+        if len(shards) == 1:
+            save_file(shards[0], tmp / "model.safetensors", metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, tmp / fname, metadata={"format": "pt"})
+                weight_map.update({k: fname for k in shard})
+            total = sum(v.numel() * v.element_size() for v in hf.values())
+            (tmp / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+            )
     return out
+
+
+def _written_by_to_hf(name: str) -> bool:
+    return name in ("config.json", "model.safetensors.index.json") or name.endswith(".safetensors")
+
+
+@contextmanager
+def _replacing(out: Path):
+    """A new folder, written beside `out`, that takes its place only once complete: `out` holds the
+    old export or the new one, never a mix of both (an old index beside new weights). An existing
+    `out` must be empty or a Hugging Face folder (config.json); what to_hf does not write there
+    (tokenizer files, say) is copied into the new folder."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file; to_hf writes a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
+        raise FileExistsError(f"{out} is not empty and holds no config.json, so it is no Hugging Face export that "
+                              "to_hf may replace; choose a new or empty folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.tmp"
+    old = tmp.with_suffix(".old")
+    tmp.mkdir()
+    try:
+        yield tmp
+        for f in sorted(out.iterdir()) if out.is_dir() else []:
+            if not _written_by_to_hf(f.name):
+                (shutil.copytree if f.is_dir() else shutil.copy2)(f, tmp / f.name)
+        if out.is_dir():
+            os.replace(out, old)  # a crash until the next line leaves old and new beside, complete, and no `out`
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)

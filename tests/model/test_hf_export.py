@@ -196,3 +196,48 @@ def test_what_transformers_cannot_represent_is_an_error(tmp_path):
     cfg["layer_types"] = ["chunked_attention"] * 4  # the NoPE layer 3 chunked too
     with pytest.raises(ValueError, match="layer_types"):
         args_from_hf_config(cfg)
+
+
+def test_export_over_an_older_sharded_export_replaces_it(tmp_path, monkeypatch):
+    """A rerun's checkpoint.export_hf=DIR over the last run's sharded export: no old shard or index
+    stays beside the new weights (from_hf used to read the old index, hence the old weights), and
+    files to_hf does not write (a tokenizer) stay."""
+    import model.hf as hf
+
+    old, new = herd_model(text_args()), herd_model(text_args())
+    spread_init(new, seed=1)
+    monkeypatch.setattr(hf, "_SHARD_BYTES", 100_000)
+    to_hf(old, tmp_path / "hf")
+    assert (tmp_path / "hf/model.safetensors.index.json").exists()
+    (tmp_path / "hf/tokenizer.json").write_text("{}")
+    monkeypatch.setattr(hf, "_SHARD_BYTES", 5 * 2**30)
+    to_hf(new, tmp_path / "hf")
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no temporary folder left
+    back = from_hf(tmp_path / "hf")
+    for k, v in new.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+
+
+def test_a_folder_that_mixes_two_exports_is_an_error(tmp_path, monkeypatch):
+    import shutil
+
+    import model.hf as hf
+
+    monkeypatch.setattr(hf, "_SHARD_BYTES", 100_000)
+    to_hf(herd_model(text_args()), tmp_path / "sharded")
+    monkeypatch.setattr(hf, "_SHARD_BYTES", 5 * 2**30)
+    to_hf(herd_model(text_args()), tmp_path / "single")
+    shutil.copy(tmp_path / "single/model.safetensors", tmp_path / "sharded")  # what to_hf used to leave
+    with pytest.raises(ValueError, match="does not list model.safetensors: .* mixes two exports"):
+        from_hf(tmp_path / "sharded")
+    (tmp_path / "sharded/model.safetensors.index.json").unlink()  # no index: two files hold the same tensors
+    with pytest.raises(ValueError, match="which another \\*.safetensors file holds too"):
+        from_hf(tmp_path / "sharded")
+
+
+def test_export_refuses_a_folder_that_is_not_an_export(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="holds no config.json"):
+        to_hf(herd_model(text_args()), tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
