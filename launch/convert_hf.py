@@ -10,18 +10,16 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import warnings
 
 import torch
-import torch.distributed.checkpoint as dcp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from model.hf import from_hf  # noqa: E402
-from train.checkpoint import export_to_hf  # noqa: E402
+from train.checkpoint import export_to_hf, save_weights  # noqa: E402
 
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -35,11 +33,7 @@ def herd_to_hf(ckpt: str, out: str, dtype: str | None) -> None:
 
 def hf_to_herd(hf_dir: str, out: str, dtype: str | None) -> None:
     model = from_hf(hf_dir, dtype=_DTYPES[dtype] if dtype else None)
-    dcp.save({"model": model.state_dict()}, checkpoint_id=out)
-    from dataclasses import asdict
-
-    with open(os.path.join(out, "model_args.json"), "w") as f:
-        json.dump(asdict(model.args), f, indent=1)
+    save_weights(model, out)
     print(f"wrote {out}: start training from it with checkpoint.load={out} "
           f"(model config: {model.args.dim} wide, "
           f"{model.args.n_layers} layers; model_args.json lists every field)")
@@ -62,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
             herd_to_hf(ns.checkpoint, ns.out, ns.dtype)
         else:
             hf_to_herd(ns.hf_dir, ns.out, ns.dtype)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError) as e:  # CheckpointError is a ValueError
         raise SystemExit(f"error: {e}") from None
 
 
