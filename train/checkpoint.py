@@ -11,6 +11,8 @@ size and checksum. docs/checkpoints.md states the guarantees and what they cost.
     verify   sizes and checksums against the manifest, JSON that parses, and `.metadata` through an
              unpickler that builds DCP's metadata classes and nothing else (CheckpointError names
              the file)
+    resume   find_resume_checkpoint: the most recently saved checkpoint that verifies, all ranks
+             agreeing; the hashing is split over the ranks
     load     load_checkpoint / export_to_hf read through SafeReader and SafeLoadPlanner: no pickle
              from the checkpoint runs code, and each rank checks the files it reads before reading
 """
@@ -52,7 +54,7 @@ log = logging.getLogger("herd")
 _STEP_DIR = re.compile(r"step-(\d{8})$")
 TRAIN_STATE = "train_state.json"
 MANIFEST = "manifest.json"  # a weights-only checkpoint's manifest; a training one's is in train_state.json
-_RECORD_KEYS = ("manifest", "checksum")  # what train_state.json holds beside the TrainState
+_RECORD_KEYS = ("manifest", "sequence", "checksum")  # what train_state.json holds beside the TrainState
 _BLOCK = 64 * 2**20
 ALGORITHM = "sha256 of the sha256 digests of the file's 64 MiB blocks"
 
@@ -63,7 +65,7 @@ class CheckpointError(ValueError):
 
 def _damaged(file: str, why: str) -> CheckpointError:
     return CheckpointError(f"{file} {why}. The checkpoint {os.path.dirname(file)} is damaged: restore the file from "
-                           "a copy, or load an earlier checkpoint")
+                           "a copy, or load an earlier checkpoint (a rerun resumes from the newest one that verifies)")
 
 
 def barrier() -> None:
@@ -85,7 +87,7 @@ def list_checkpoints(run_dir: str) -> list[str]:
 
 
 def latest_checkpoint(run_dir: str) -> str | None:
-    """The complete checkpoint with the highest step."""
+    """The complete checkpoint with the highest step (unverified; to resume, find_resume_checkpoint)."""
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
 
@@ -368,7 +370,7 @@ def _dcp_load(sd: dict, reader: SafeReader, no_dist: bool = False) -> None:
         raise
 
 
-# ---------------------------------------------------------------- verification
+# ---------------------------------------------------------------- resume: the newest that verifies
 
 
 def _share(names: list[str], sizes: dict[str, int], rank: int, world_size: int) -> list[str]:
@@ -429,6 +431,61 @@ def _verify_share(path: str, manifest: dict | None, md: Metadata, rank: int, wor
     _check_files(path, _share(list(sizes), sizes, rank, world_size), manifest, needed, hashes)
 
 
+def _resume_order(run_dir: str) -> dict[int, str]:
+    """{key: checkpoint}, the key growing with the order in which the checkpoints were saved
+    (train_state.json's `sequence`; 0 for checkpoints older than it, ordered by step). A
+    checkpoint whose train_state.json is unreadable sorts right after the one before it in step
+    order, so that a damaged newest checkpoint is tried, reported and skipped."""
+    found = []
+    for path in list_checkpoints(run_dir):
+        try:
+            record = _read_json(os.path.join(path, TRAIN_STATE))
+            seq = max(0, int(record.get("sequence", 0))) if record is not None else None
+        except (CheckpointError, TypeError, ValueError):
+            seq = None
+        found.append((_step_of(path), seq, path))
+    keys, last_seq = {}, 0
+    for step, seq, path in found:
+        last_seq = seq if seq is not None else last_seq
+        keys[(last_seq << 32) | step] = path
+    return keys
+
+
+def find_resume_checkpoint(run_dir: str, rank: int = 0, world_size: int = 1, all_reduce=None,
+                           hashes: bool = True, data_state_is_global: bool = True) -> str | None:
+    """The most recently saved checkpoint in run_dir that verifies (verify_checkpoint), or None;
+    a warning for each newer one skipped, saying why. Call it on every rank with `all_reduce(t,
+    "max")` reducing a CPU int64 tensor over all ranks (the Trainer's env.all_reduce): the ranks
+    agree on each candidate and on its verdict, so all resume from the same checkpoint."""
+    def agree(x: int) -> int:
+        return x if all_reduce is None else int(all_reduce(torch.tensor([x], dtype=torch.int64), "max")[0])
+
+    keys, tried = _resume_order(run_dir), set()
+    while True:
+        key = agree(max((k for k in keys if k not in tried), default=-1))
+        if key < 0:
+            return None
+        path = keys.get(key)
+        where = path or f"step-{key & 0xFFFFFFFF:08d}"
+        problem, everyone = None, True  # a problem every rank finds alike is reported by rank 0 only
+        try:
+            if path is None:
+                everyone = False
+                raise CheckpointError(f"rank {rank} does not see {where}, which another rank sees")
+            manifest, md = _verify_common(path, rank)
+            everyone = False
+            _verify_share(path, manifest, md, rank, world_size, hashes, data_state_is_global)
+        except Exception as e:  # noqa: BLE001 - whatever fails, the ranks must still agree
+            problem = str(e) if isinstance(e, (CheckpointError, OSError)) else f"{type(e).__name__}: {e}"
+        if not agree(int(problem is not None)):
+            return path
+        if problem and (rank == 0 or not everyone):
+            log.warning(f"rank {rank}: not resuming from {where}: {problem}")
+        elif not problem and rank == 0:
+            log.warning(f"not resuming from {where}: another rank found it damaged (its warning says why)")
+        tried.add(key)
+
+
 # ---------------------------------------------------------------- saving
 
 
@@ -436,12 +493,19 @@ class Checkpointer:
     """Writes checkpoints atomically: every rank writes its shards into step-XXXXXXXX.tmp and hashes
     them, and only when all have finished does rank 0 add train_state.json (with the manifest) and
     rename the directory. With `async_save`, the shards are written and hashed in the background
-    and the rename happens when the next checkpoint starts or at `wait()`."""
+    and the rename happens when the next checkpoint starts or at `wait()`.
+
+    Pruning keeps the newest `keep` of this run's trajectory: the checkpoints this Checkpointer
+    wrote and, after `resumed_from(step)`, those up to that step. A checkpoint of another
+    trajectory in the same run.dir (a `checkpoint.resume=false` run's predecessor) at a higher
+    step is never removed, unless a save of the same step replaces it."""
 
     def __init__(self, run_dir: str, keep: int, rank: int, async_save: bool = False, before_rename=None):
         self.run_dir, self.keep, self.rank, self.async_save = run_dir, keep, rank, async_save
         self.before_rename = before_rename  # fault injection: called with the step before the rename
         self._pending = None  # (digests or their future, tmp, final, step, train_state)
+        self._written: set[int] = set()
+        self._resumed: int | None = None
         self.last_saved: str | None = None  # the newest checkpoint this Checkpointer completed
         # Digests are gathered, and background writes coordinate, on a gloo group of their own.
         self._group = dist.new_group(backend="gloo") if dist.is_initialized() else None
@@ -451,6 +515,11 @@ class Checkpointer:
             for d in os.listdir(root) if os.path.isdir(root) else []:
                 if d.endswith(".tmp"):
                     shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+
+    def resumed_from(self, step: int) -> None:
+        """This run continues the run.dir's checkpoint `step`: checkpoints up to it are this run's
+        history, which pruning may remove; higher ones it did not write are left alone."""
+        self._resumed = step
 
     def save(self, step: int, model, optimizer, state: TrainState) -> str:
         """Write model, optimizer and `state` as checkpoint `step` (in the background with
@@ -511,16 +580,27 @@ class Checkpointer:
             manifest = {k: v for d in gathered for k, v in d.items()}
             unclaimed = set(os.listdir(tmp)) - set(manifest) - {TRAIN_STATE}  # should DCP name files otherwise
             manifest.update(digest_files([os.path.join(tmp, f) for f in sorted(unclaimed)]) if unclaimed else {})
-            record = {**train_state, "manifest": {"algorithm": ALGORITHM, "files": dict(sorted(manifest.items()))}}
+            record = {**train_state, "sequence": self._next_sequence(),
+                      "manifest": {"algorithm": ALGORITHM, "files": dict(sorted(manifest.items()))}}
             _write_record(os.path.join(tmp, TRAIN_STATE), record)
             _fsync_dir(tmp)
             self._replace(tmp, final)
-            for old in list_checkpoints(self.run_dir)[:-self.keep]:
-                shutil.rmtree(old, ignore_errors=True)
+            self._written.add(step)
+            self._prune()
             log.info(f"saved checkpoint {final}")
         barrier()
         self.last_saved = final
         return final
+
+    def _next_sequence(self) -> int:
+        """1 + the highest `sequence` in run.dir: the order of saves, whatever their steps."""
+        seqs = [0]
+        for path in list_checkpoints(self.run_dir):
+            try:
+                seqs.append(int((_read_json(os.path.join(path, TRAIN_STATE)) or {}).get("sequence", 0)))
+            except (CheckpointError, TypeError, ValueError):
+                pass
+        return max(seqs) + 1
 
     @staticmethod
     def _replace(tmp: str, final: str) -> None:
@@ -533,6 +613,13 @@ class Checkpointer:
         _fsync_dir(os.path.dirname(final))
         if os.path.exists(old):
             shutil.rmtree(old)
+
+    def _prune(self) -> None:
+        ours = [p for p in list_checkpoints(self.run_dir)
+                if _step_of(p) in self._written or (self._resumed is not None and _step_of(p) <= self._resumed)]
+        for old in ours[:-self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
 
 def _rank_file(rank: int) -> str:
     return f"rank-{rank:05d}.json"
@@ -565,7 +652,7 @@ def load_checkpoint(path: str, model, optimizer=None, state: TrainState | None =
 
     Nothing from the checkpoint runs as code, and the files are checked against the manifest
     before they are used: sizes always, checksums (each rank hashing its share) unless `verified`,
-    for a checkpoint verify_checkpoint has just checked on every rank. A damaged file raises
+    for a checkpoint find_resume_checkpoint has just verified. A damaged file raises
     CheckpointError naming it, on every rank."""
     _require_checkpoint(path)
     manifest = read_manifest(path)
