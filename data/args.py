@@ -55,9 +55,20 @@ class DataArgs:
     video_max_frames: int = 8
     image_dtype: str = "float32"  # dtype of batch["images"]: float32 | bfloat16 | float16
 
-    # Safety limits: a sample that breaks one is skipped and counted, never decoded.
-    max_image_pixels: int = 50_000_000  # width*height, checked from the header before decoding
-    max_video_decode_frames: int = 2_000  # stop decoding a video after this many frames
+    # Budgets. A sample that breaks one is skipped and counted under its own reason (batch["skipped"],
+    # data/skipped/<reason> in metrics.jsonl), never an error that stops training; together they
+    # bound a loader worker's memory and time whatever a shard holds. Checked as early as
+    # possible: tar headers before a member is read, the document before any media is decoded.
+    # docs/data.md "Budgets" gives the reasons and the worst case they allow.
+    max_member_bytes: int = 64 << 20  # one tar member (member_too_large); never read when larger
+    max_sample_bytes: int = 128 << 20  # the members one sample keeps in memory (sample_too_large)
+    max_text_bytes: int = 4 << 20  # a sample's json + txt, ~1M tokens (text_too_long)
+    max_media_per_sample: int = 48  # image/video references in one document (too_many_media)
+    max_image_pixels: int = 50_000_000  # width*height of one image or video frame, from the header
+    max_sample_pixels: int = 500_000_000  # pixels decoded for one sample: images + every video frame
+    max_video_decode_frames: int = 2_000  # video frames decoded for one sample (too_many_frames)
+    max_video_decode_seconds: float = 30.0  # time backstop (video_decode_timeout); not deterministic
+    shuffle_buffer_bytes: int = 256 << 20  # a shuffle block also ends once its samples hold this many bytes
 
     def resolved_sources(self) -> list[Source]:
         if self.urls is not None and self.sources:
@@ -85,14 +96,22 @@ class DataArgs:
             "tile_size",
             "patches_per_tile",
             "video_max_frames",
+            "max_member_bytes",
+            "max_sample_bytes",
+            "max_text_bytes",
+            "max_media_per_sample",
             "max_image_pixels",
+            "max_sample_pixels",
             "max_video_decode_frames",
+            "shuffle_buffer_bytes",
         ]
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"data.{name}={getattr(self, name)} must be >= 1")
         if not self.video_fps > 0:
             raise ValueError(f"data.video_fps={self.video_fps} must be > 0")
+        if not self.max_video_decode_seconds > 0:
+            raise ValueError(f"data.max_video_decode_seconds={self.max_video_decode_seconds} must be > 0")
         if self.epochs is not None and self.epochs < 1:
             raise ValueError(f"data.epochs={self.epochs}: use None to loop forever or a count >= 1")
         if self.resample and self.epochs is not None:
@@ -113,6 +132,7 @@ class DataArgs:
             "video_fps",
             "video_max_frames",
             "reset_positions",
+            "shuffle_buffer_bytes",
         }
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name in keep}
         out["sources"] = [

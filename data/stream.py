@@ -1,11 +1,13 @@
 """One (rank, worker) stream: raw samples of every source -> documents -> packed batches.
 
 Resumable exactly. A source stream's position is (epoch, unit, sample) of the next tar sample
-to read plus the shuffle block it is in; a block is `shuffle_buffer` raw samples permuted by a
-seed of their own, so resuming re-reads at most one block. The worker's state is the source
-positions, the document counter (which seeds the mixture draw) and the skip counters, taken
-just before the document that was being packed when the batch was cut, plus how many of its
-tokens were already packed. Resuming replays that one document and drops those tokens.
+to read plus the shuffle block it is in; a block is `shuffle_buffer` raw samples (fewer once
+they hold `shuffle_buffer_bytes`: a rule of the data alone, so a re-read block is the same)
+permuted by a seed of their own, so resuming re-reads at most one block. The worker's state is
+the source positions, the document counter (which seeds the mixture draw) and the skip
+counters, taken just before the document that was being packed when the batch was cut, plus
+how many of its tokens were already packed. Resuming replays that one document and drops
+those tokens.
 """
 
 from __future__ import annotations
@@ -17,9 +19,17 @@ import numpy as np
 import torch
 
 from data.args import DataArgs
-from data.decode import SKIP_REASONS, DecodeOptions, SkipSample, decode_sample
+from data.decode import (
+    DECODED_EXTS,
+    SKIP_REASONS,
+    TEXT_EXTS,
+    DecodeOptions,
+    SkipSample,
+    decode_sample,
+    drop_unused_members,
+)
 from data.packing import Packer
-from data.shards import ReadUnit, plan_epoch, read_unit, resampled_unit, seeded_rng
+from data.shards import SHARD_ERRORS, ReadLimits, ReadUnit, plan_epoch, read_unit, resampled_unit, seeded_rng
 from data.tokenizer import TokenizedDocument, Tokenizer, encode_document
 from data.vision import max_tiles_for_length
 
@@ -34,7 +44,15 @@ class SourceStream:
     def __init__(self, urls: list[str], stream: int, num_streams: int, seed: int, source: int, args: DataArgs):
         self.urls, self.stream, self.num_streams, self.seed, self.source = urls, stream, num_streams, seed, source
         self.shuffle, self.block_size = args.shuffle, (args.shuffle_buffer if args.shuffle else 1)
+        self.block_bytes = args.shuffle_buffer_bytes
         self.resample, self.epochs = args.resample, args.epochs
+        self.limits = ReadLimits(
+            max_member_bytes=args.max_member_bytes,
+            max_sample_bytes=args.max_sample_bytes,
+            max_text_bytes=args.max_text_bytes,
+            exts=frozenset(DECODED_EXTS),
+            text_exts=frozenset(TEXT_EXTS),
+        )
         self._plans: dict[int, list[ReadUnit]] = {}
         self.load_state_dict({"block_start": [0, 0, 0], "block_index": 0, "emitted": 0})
 
@@ -65,9 +83,11 @@ class SourceStream:
                 epoch, unit_pos, sample_pos, good_in_epoch, whole_epoch = epoch + 1, 0, 0, 0, True
                 continue
             whole_unit, good_in_unit = sample_pos == 0, 0
-            for index, item in read_unit(unit, sample_pos):
-                if "__error__" in item:
+            for index, item in read_unit(unit, sample_pos, self.limits):
+                if item.get("__error__") in SHARD_ERRORS:
                     yield item, (epoch, unit_pos + 1, 0)
+                elif "__error__" in item:  # one sample over a budget: the shard goes on
+                    yield item, (epoch, unit_pos, index + 1)
                 else:
                     good_in_unit += 1
                     yield item, (epoch, unit_pos, index + 1)
@@ -103,11 +123,14 @@ class SourceStream:
         self._block_start = self._read_pos
         if self._reader_it is None:
             self._reader_it = self._reader(*self._read_pos)
-        block = []
+        block, nbytes = [], 0
         for item, pos in self._reader_it:
+            if "__error__" not in item:
+                item = drop_unused_members(item)
+                nbytes += sum(len(v) for k, v in item.items() if not k.startswith("__"))
             block.append(item)
             self._read_pos = pos
-            if len(block) >= self.block_size:
+            if len(block) >= self.block_size or nbytes >= self.block_bytes:
                 break
         self._block = block
         self._order = (
@@ -161,13 +184,17 @@ class WorkerStream:
         # An image block must fit in one row, so the tile budget shrinks with short rows.
         max_tiles = max_tiles_for_length(args.max_tiles, seq_len, args.patches_per_tile)
         self.opts = DecodeOptions(
-            max_tiles,
-            args.tile_size,
-            args.video_fps,
-            args.video_max_frames,
-            args.max_image_pixels,
-            args.max_video_decode_frames,
-            dtype,
+            max_tiles=max_tiles,
+            tile_size=args.tile_size,
+            video_fps=args.video_fps,
+            video_max_frames=args.video_max_frames,
+            max_image_pixels=args.max_image_pixels,
+            max_video_decode_frames=args.max_video_decode_frames,
+            dtype=dtype,
+            max_text_bytes=args.max_text_bytes,
+            max_media_per_sample=args.max_media_per_sample,
+            max_sample_pixels=args.max_sample_pixels,
+            max_video_decode_seconds=args.max_video_decode_seconds,
         )
         self.packer = Packer(
             batch_size, seq_len, tokenizer.ids.pad, args.reset_positions, (3, args.tile_size, args.tile_size), dtype

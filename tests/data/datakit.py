@@ -21,11 +21,11 @@ def png_bytes(w: int = 40, h: int = 30, seed: int = 0) -> bytes:
     return buf.getvalue()
 
 
-def mp4_bytes(frames: int = 4, fps: int = 4, seed: int = 0) -> bytes:
+def mp4_bytes(frames: int = 4, fps: int = 4, seed: int = 0, size: tuple[int, int] = (64, 48)) -> bytes:
     from data.sample import pan_video
 
-    arr = np.random.default_rng(seed).integers(0, 256, (48, 96, 3), dtype=np.uint8)
-    return pan_video(Image.fromarray(arr), "mp4", frames=frames, fps=fps, size=(64, 48))
+    arr = np.random.default_rng(seed).integers(0, 256, (size[1], size[0] * 2, 3), dtype=np.uint8)
+    return pan_video(Image.fromarray(arr), "mp4", frames=frames, fps=fps, size=size)
 
 
 def key_strings(tok: Tokenizer, n: int) -> list[str]:
@@ -53,6 +53,40 @@ def write_tar(path: Path, samples: list[dict]) -> Path:
             for ext in sorted(k for k in s if k != "__key__"):
                 data = s[ext].encode("utf-8") if isinstance(s[ext], str) else s[ext]
                 info = tarfile.TarInfo(f"{s['__key__']}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+class _Zeros(io.RawIOBase):
+    """n zero bytes, produced as they are read."""
+
+    def __init__(self, n: int):
+        self.left = n
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        k = min(len(buf), self.left)
+        buf[:k] = bytes(k)
+        self.left -= k
+        return k
+
+
+def write_members(path: Path, members: list[tuple[str, bytes | str | int]], compress: str = "") -> Path:
+    """A tar of exactly these (name, data) members, in this order (duplicates included). An int
+    is a member of that many zero bytes, streamed into the tar, never built in memory.
+    compress: "" or "gz" (level 1: these tests build large members)."""
+    kwargs = {"compresslevel": 1} if compress == "gz" else {}
+    with tarfile.open(path, f"w:{compress}", **kwargs) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            if isinstance(data, int):
+                info.size = data
+                tar.addfile(info, io.BufferedReader(_Zeros(data), 1 << 20))
+            else:
+                data = data.encode("utf-8") if isinstance(data, str) else data
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
     return path
