@@ -31,7 +31,7 @@ from parallel import build_mesh, clip_grad_norm_, init_distributed, mesh_shape
 
 from .balance import expert_metrics, moe_layers, update_expert_bias
 from .build import build_parallel_model
-from .checkpoint import Checkpointer, export_to_hf, has_train_state, latest_checkpoint, load_checkpoint
+from .checkpoint import Checkpointer, export_to_hf, find_resume_checkpoint, has_train_state, load_checkpoint
 from .config import config_for_disk, data_args, model_args, validate
 from .data import build_data
 from .faults import FaultInjector, StopRequest, failure_context, requeue_slurm_job
@@ -91,13 +91,18 @@ class Trainer:
         self.nonfinite_in_row = 0
         self.empty_in_row = 0  # global batches without a target token, in a row
         self.saved_step: int | None = None  # the step of the newest checkpoint this attempt wrote or loaded
+        self.last_checkpoint: str | None = None  # and its path
 
     # -- start ----------------------------------------------------------------------------
     def resume(self) -> None:
-        """A rerun continues this run's own latest checkpoint; checkpoint.load only seeds a new
-        run (its weights, or its whole training state unless weights_only)."""
+        """A rerun continues this run's own newest checkpoint that verifies (a damaged newer one
+        is skipped with a warning); checkpoint.load only seeds a new run (its weights, or its
+        whole training state unless weights_only)."""
         ck = self.cfg.checkpoint
-        own = latest_checkpoint(self.run_dir) if ck.resume else None
+        own = None
+        if ck.resume:
+            own = find_resume_checkpoint(self.run_dir, self.env.rank, self.env.world_size, self.env.all_reduce,
+                                         data_state_is_global=self.state.data_state_is_global)
         source = own or ck.load
         if source is None:
             return
@@ -106,8 +111,10 @@ class Trainer:
             if self.env.is_main:
                 log.info(f"loaded weights from {source}; training starts at step 0")
             return
-        load_checkpoint(source, self.model, self.optimizer, self.state)
-        self.saved_step = self.state.step if own else None
+        load_checkpoint(source, self.model, self.optimizer, self.state, verified=own is not None)
+        if own is not None:
+            self.checkpointer.resumed_from(self.state.step)  # what pruning may touch
+            self.saved_step, self.last_checkpoint = self.state.step, own
         if self.env.is_main:
             log.info(f"resumed from {source} at step {self.state.step}")
 
@@ -148,7 +155,7 @@ class Trainer:
                         f"row, at most {limit})")
         if self.nonfinite_in_row > limit:
             self.checkpointer.wait()
-            last = latest_checkpoint(self.run_dir)
+            last = self.newest_checkpoint()
             raise FloatingPointError(
                 f"{self.nonfinite_in_row} steps in a row had a non-finite loss or gradient norm (last at step {step}); "
                 f"stopping. The last checkpoint ({last or 'none'}) holds finite weights; lower optim.lr or inspect "
@@ -239,6 +246,11 @@ class Trainer:
             self.checkpointer.save(self.state.step, self.model, self.optimizer, self.state)
         self.saved_step = self.state.step
 
+    def newest_checkpoint(self) -> str | None:
+        """The checkpoint this run saved last (completed), or resumed from: never another run's
+        that happens to have a higher step in the same run.dir."""
+        return self.checkpointer.last_saved or self.last_checkpoint
+
     # -- the run --------------------------------------------------------------------------
     def run(self) -> list[dict]:
         """Train to train.steps (or until a stop signal); returns the logged metric rows."""
@@ -283,7 +295,7 @@ class Trainer:
                     self.save()
                 self.checkpointer.wait()
             if outcome == "finished" and self.cfg.checkpoint.export_hf and main:
-                final = latest_checkpoint(self.run_dir)
+                final = self.newest_checkpoint()
                 export_to_hf(final, self.cfg.checkpoint.export_hf)
                 log.info(f"exported {final} to {self.cfg.checkpoint.export_hf} (Hugging Face format)")
             if outcome != "failed":
@@ -304,7 +316,7 @@ class Trainer:
         t0, first = self.started
         step, steps = self.state.step, self.cfg.train.steps
         wall = format_duration(time.perf_counter() - t0)
-        ckpt = latest_checkpoint(self.run_dir) or "none"
+        ckpt = self.newest_checkpoint() or "none"
         where = f"checkpoint {ckpt}; metrics {self.metrics.path}"
         if self.cfg.checkpoint.export_hf and outcome == "finished":
             where += f"; Hugging Face export {self.cfg.checkpoint.export_hf}"

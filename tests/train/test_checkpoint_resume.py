@@ -36,7 +36,7 @@ def test_resume_skips_damaged_checkpoints_and_says_why(tmp_path, caplog):
 
 def _two_ranks_resume(run_dir):
     from parallel import init_distributed
-    from train.checkpoint import CheckpointError, _share, read_manifest, verify_checkpoint
+    from train.integrity import CheckpointError, read_manifest, share_of_files, verify_checkpoint
 
     env = init_distributed("cpu")
     model, opt, state = setup()
@@ -46,7 +46,7 @@ def _two_ranks_resume(run_dir):
         ck.save(step, model, opt, state)
     ck.wait()
     sizes = {n: e["bytes"] for n, e in read_manifest(ck.last_saved).items()}
-    (shard,) = [n for n in _share(list(sizes), sizes, 1, 2) if n.endswith(".distcp")]  # rank 1 hashes it
+    (shard,) = [n for n in share_of_files(list(sizes), sizes, 1, 2) if n.endswith(".distcp")]  # rank 1 hashes it
     env.barrier()
     if env.rank == 0:
         file = os.path.join(ck.last_saved, shard)

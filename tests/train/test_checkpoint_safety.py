@@ -13,15 +13,8 @@ import pytest
 import torch
 
 from tests.helpers import ROOT
-from train.checkpoint import (
-    TRAIN_STATE,
-    CheckpointError,
-    Checkpointer,
-    digest_files,
-    export_to_hf,
-    load_checkpoint,
-    read_metadata,
-)
+from train.checkpoint import Checkpointer, export_to_hf, load_checkpoint
+from train.integrity import TRAIN_STATE, CheckpointError, digest_files, read_metadata
 
 from .test_checkpoint import ARGS, setup, take_steps
 
@@ -61,7 +54,7 @@ def saved(run_dir, steps=(2,), keep=3):
 def reseal(ckpt):
     """Recompute the manifest and train_state.json's checksum: a crafted checkpoint whose author
     also rewrote the manifest (the checksums guard against damage, not against an author)."""
-    from train.checkpoint import _write_record
+    from train.integrity import write_record
 
     path = os.path.join(ckpt, TRAIN_STATE)
     record = json.load(open(path))
@@ -70,7 +63,7 @@ def reseal(ckpt):
     files = record["manifest"]["files"]
     files.update(digest_files([os.path.join(ckpt, f) for f in files]))
     record.pop("checksum")
-    _write_record(path, record)
+    write_record(path, record)
 
 
 def craft_metadata(ckpt, marker):

@@ -123,3 +123,38 @@ def test_environment_secrets_never_reach_the_run_dir(tmp_path, monkeypatch):
     for path in run_dir.rglob("*"):
         if path.is_file() and path.suffix in (".yaml", ".json", ".jsonl"):
             assert secret not in path.read_text(), path
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
+    """One flipped byte in a shard of the newest checkpoint: the rerun says so and resumes from
+    the one before, reproducing the uninterrupted losses from there."""
+    run_dir = tmp_path / "run"
+    ref = {r["step"]: r["loss"] for r in train("train.steps=6", "checkpoint.interval=2", f"run.dir={tmp_path}/ref")}
+    train("train.steps=4", "checkpoint.interval=2", f"run.dir={run_dir}")
+    shard = run_dir / "checkpoints/step-00000004/__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    with caplog.at_level(logging.INFO, logger="herd"):
+        rows = train("train.steps=6", "checkpoint.interval=2", f"run.dir={run_dir}")
+    assert "not resuming from" in caplog.text and "step-00000004" in caplog.text
+    assert f"resumed from {run_dir}/checkpoints/step-00000002 at step 2" in caplog.text
+    assert {r["step"]: r["loss"] for r in rows} == {s: ref[s] for s in (3, 4, 5, 6)}
+
+
+def test_a_new_run_in_a_used_run_dir_keeps_and_exports_its_own_checkpoint(tmp_path):
+    """checkpoint.resume=false where an earlier run saved up to step 4 (keep=2): the new run's
+    step-1 checkpoint survives pruning, and the export holds the new run's weights."""
+    from safetensors.torch import load_file
+
+    run_dir = tmp_path / "run"
+    train("train.steps=4", "checkpoint.interval=1", "checkpoint.keep=2", f"run.dir={run_dir}")
+    train("train.steps=1", "checkpoint.keep=2", "checkpoint.resume=false", "train.seed=1", f"run.dir={run_dir}",
+          f"checkpoint.export_hf={tmp_path}/hf")
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-00000001", "step-00000003",
+                                                                            "step-00000004"]
+    from train.checkpoint import export_to_hf
+
+    export_to_hf(str(run_dir / "checkpoints/step-00000001"), str(tmp_path / "hf1"))
+    exported, expected = load_file(tmp_path / "hf/model.safetensors"), load_file(tmp_path / "hf1/model.safetensors")
+    assert all(torch.equal(exported[k], expected[k]) for k in expected)
