@@ -13,6 +13,16 @@ KINDS = ("shards", "text")
 IMAGE_DTYPES = ("float32", "bfloat16", "float16")
 
 
+def url_pieces(urls: Any) -> list[str]:
+    """The single urls of a urls value (a string, `::`-joined pieces, or a list), stripped."""
+    items = [urls] if isinstance(urls, str) else list(urls) if isinstance(urls, (list, tuple)) else []
+    return [p.strip() for item in items for p in str(item).split("::")]
+
+
+def _short(url: str) -> str:
+    return repr(url if len(url) <= 120 else url[:120] + "...")
+
+
 @dataclass
 class Source:
     """One mixture component: shards and a relative weight (weights need not sum to 1)."""
@@ -70,6 +80,9 @@ class DataArgs:
     max_video_decode_seconds: float = 30.0  # time backstop (video_decode_timeout); not deterministic
     shuffle_buffer_bytes: int = 256 << 20  # a shuffle block also ends once its samples hold this many bytes
 
+    # pipe:CMD urls run CMD through the shell; they are refused unless this is set.
+    allow_pipe: bool = False
+
     def resolved_sources(self) -> list[Source]:
         if self.urls is not None and self.sources:
             raise ValueError(f"data: set either data.urls (one source; it is {self.urls!r}) or data.sources "
@@ -90,6 +103,12 @@ class DataArgs:
                                  "(/d/shard-{000..099}.tar), pipe:CMD, a list of these, or sample")
             if not s.weight > 0:
                 raise ValueError(f"data.sources[{i}].weight={s.weight}: weights must be > 0")
+            pipe = next((u for u in url_pieces(s.urls) if u.startswith("pipe:")), None)
+            if pipe is not None and not self.allow_pipe:
+                raise ValueError(
+                    f"{where}: {_short(pipe)} runs a shell command; pipe: urls are refused unless you "
+                    "opt in with data.allow_pipe=true (only for urls you trust)"
+                )
         positive = [
             "shuffle_buffer",
             "max_tiles",

@@ -129,13 +129,14 @@ class ReadLimits:
     (text_exts) of one sample above max_text_bytes together, or the kept members of one sample
     above max_sample_bytes together turn the sample into an error item, decided from tar
     headers before the member is read. Members whose last extension is not in `exts` (None:
-    all) are never read."""
+    all) are never read. `pipe:` urls are only opened with allow_pipe."""
 
     max_member_bytes: int = 64 << 20
     max_sample_bytes: int = 128 << 20
     max_text_bytes: int = 4 << 20
     exts: frozenset[str] | None = None
     text_exts: frozenset[str] = frozenset({"json", "txt"})
+    allow_pipe: bool = False
 
 
 # A pax or GNU long-name header is read whole by tarfile before any member it describes; names
@@ -273,6 +274,10 @@ def read_unit(unit: ReadUnit, start: int = 0, limits: ReadLimits = ReadLimits())
     earlier sample of the shard used (duplicate_key). Samples before `start` or of another
     stride are passed over unread. On failure yields (index, error item) once and stops:
     "unreadable_shard" before any sample was read, else "truncated_tar"."""
+    if unit.url.strip().startswith("pipe:") and not limits.allow_pipe:
+        detail = "pipe: urls run a shell command; set data.allow_pipe=true to allow them"
+        yield 0, error_item("unreadable_shard", unit.url, detail)
+        return
     try:
         stream = gopen(unit.url, "rb")
     except Exception as exc:

@@ -52,6 +52,7 @@ class SourceStream:
             max_text_bytes=args.max_text_bytes,
             exts=frozenset(DECODED_EXTS),
             text_exts=frozenset(TEXT_EXTS),
+            allow_pipe=args.allow_pipe,
         )
         self._plans: dict[int, list[ReadUnit]] = {}
         self.load_state_dict({"block_start": [0, 0, 0], "block_index": 0, "emitted": 0})

@@ -1,6 +1,8 @@
 import pytest
 
-from data.shards import expand_shards, plan_epoch, read_unit, ReadUnit
+from data.args import DataArgs
+from data.loader import MultimodalLoader
+from data.shards import ReadLimits, ReadUnit, expand_shards, plan_epoch, read_unit
 
 from datakit import write_tar
 
@@ -74,7 +76,37 @@ def test_read_unit_resumes_and_reports_errors(tmp_path):
     assert got == [(1, "k0-1"), (2, "k0-2")]
     missing = list(read_unit(ReadUnit(str(tmp_path / "nope.tar"))))
     assert len(missing) == 1 and missing[0][1]["__error__"] == "unreadable_shard"
-    failing = list(read_unit(ReadUnit("pipe:exit 3")))
+    piped = ReadLimits(allow_pipe=True)  # pipe: urls run a shell command only when opted in
+    failing = list(read_unit(ReadUnit("pipe:exit 3"), limits=piped))
     assert [x[1]["__error__"] for x in failing] == ["unreadable_shard"]
-    via_pipe = [s["__key__"] for _, s in read_unit(ReadUnit(f"pipe:cat {paths[0]}"))]
+    via_pipe = [s["__key__"] for _, s in read_unit(ReadUnit(f"pipe:cat {paths[0]}"), limits=piped)]
     assert via_pipe == ["k0-0", "k0-1", "k0-2"]
+
+
+@pytest.mark.parametrize(
+    "args,where",
+    [
+        (dict(urls="pipe:cat /data/a.tar"), "data.urls"),
+        (dict(urls=["/data/b.tar", " pipe:cat /data/a.tar"]), "data.urls"),
+        (dict(urls="/data/b.tar::pipe:cat /data/a.tar"), "data.urls"),
+        (dict(sources=[{"urls": "/data/b"}, {"urls": "pipe:cat /data/a.tar"}]), r"data.sources\[1\].urls"),
+    ],
+)
+def test_pipe_urls_need_an_opt_in_at_start_up(args, where):
+    expected = rf"{where}: 'pipe:cat /data/a.tar' runs a shell command.*data.allow_pipe=true"
+    with pytest.raises(ValueError, match=expected):
+        DataArgs(**args).validate()
+    DataArgs(**args, allow_pipe=True).validate()
+
+
+def test_pipe_urls_run_only_when_allowed(tmp_path):
+    marker = tmp_path / "ran"
+    (item,) = [x for _, x in read_unit(ReadUnit(f"pipe:touch {marker}"))]
+    assert item["__error__"] == "unreadable_shard" and "data.allow_pipe=true" in item["__detail__"]
+    assert not marker.exists()  # refused before anything ran, even past validate()
+    paths = _tars(tmp_path, 1)
+    with pytest.raises(ValueError, match="allow_pipe"):
+        MultimodalLoader(DataArgs(urls=f"pipe:cat {paths[0]}", epochs=1), batch_size=1, seq_len=64)
+    allowed = DataArgs(urls=f"pipe:cat {paths[0]}", epochs=1, allow_pipe=True)
+    loader = MultimodalLoader(allowed, batch_size=1, seq_len=64)
+    assert len(list(loader)) >= 1 and loader.documents == 3

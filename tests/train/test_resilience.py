@@ -179,3 +179,17 @@ def test_hung_collective_times_out_naming_rank_and_operation(tmp_path):
                   f"run.dir={tmp_path}"), timeout=120)
     assert out.returncode != 0
     assert "rank 0: counting targets (all-reduce) at step 2 failed" in out.stderr, out.stderr[-3000:]
+
+
+def test_an_error_on_one_rank_reaches_the_user_with_its_rank(tmp_path):
+    """Only rank 1's own file of the checkpoint to start from is damaged: rank 1 fails on it, and
+    the user sees that failure, with the rank and the file, not only rank 0's broken collective."""
+    run_ranks(train_in_process, 2, "data=text", "train.steps=2", f"run.dir={tmp_path}/first")
+    ckpt = tmp_path / "first/checkpoints/step-00000002"
+    (ckpt / "rank-00001.json").write_text("{ not json")
+    out = run(cmd(2, "data=text", "train.steps=4", "logging.wandb.mode=disabled", f"run.dir={tmp_path}/second",
+                  f"checkpoint.load={ckpt}"))
+    assert out.returncode != 0
+    assert "rank-00001.json" in out.stderr and "Root Cause" in out.stderr, out.stderr[-3000:]
+    root_cause = out.stderr.split("Root Cause")[1]
+    assert "error: rank " in root_cause and "rank-00001.json" in root_cause, root_cause
