@@ -88,8 +88,7 @@ class Trainer:
                      f"{sum(a for _, a in counts.values()) / 1e6:,.1f}M active; {self.env.world_size} rank(s) on "
                      f"{self.env.device.type}")
         self.rows: list[dict] = []
-        self.nonfinite_in_row = 0
-        self.empty_in_row = 0  # global batches without a target token, in a row
+        self.skipped_in_row = {"nonfinite": 0, "no_targets": 0}  # steps not taken, in a row, by reason
         self.saved_step: int | None = None  # the step of the newest checkpoint this attempt wrote or loaded
         self.last_checkpoint: str | None = None  # and its path
 
@@ -142,43 +141,46 @@ class Trainer:
         again on the next batch; too many in a row stop the run. The norm is global, so every
         rank takes the same decision."""
         if math.isfinite(float(grad_norm)):
-            self.nonfinite_in_row = 0
+            self.skipped_in_row["nonfinite"] = 0
             self.optimizer.step()
             self.state.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             return True
         self.optimizer.zero_grad(set_to_none=True)
-        self.nonfinite_in_row += 1
-        limit = self.cfg.train.max_nonfinite_in_row
-        if self.env.is_main:
-            log.warning(f"step {step}: non-finite loss or gradient norm; step skipped ({self.nonfinite_in_row} in a "
-                        f"row, at most {limit})")
-        if self.nonfinite_in_row > limit:
+        n = self.skip("nonfinite", step, "non-finite loss or gradient norm")
+        if n is not None:
             self.checkpointer.wait()
             last = self.newest_checkpoint()
             raise FloatingPointError(
-                f"{self.nonfinite_in_row} steps in a row had a non-finite loss or gradient norm (last at step {step}); "
-                f"stopping. The last checkpoint ({last or 'none'}) holds finite weights; lower optim.lr or inspect "
-                "the data, then rerun to resume from it")
-        self.metrics.write_event({"step": step, "nonfinite_skipped": self.nonfinite_in_row})
+                f"{n} steps in a row had a non-finite loss or gradient norm (last at step {step}); stopping. The "
+                f"last checkpoint ({last or 'none'}) holds finite weights; lower optim.lr or inspect the data, then "
+                "rerun to resume from it")
         return False
+
+    def skip(self, kind: str, step: int, why: str) -> int | None:
+        """Count a step not taken (`kind` in a row), say so, and write `{kind}_skipped` to
+        metrics.jsonl; returns the count when it exceeds train.max_nonfinite_in_row (the caller
+        stops the run), else None."""
+        self.skipped_in_row[kind] += 1
+        n, limit = self.skipped_in_row[kind], self.cfg.train.max_nonfinite_in_row
+        if self.env.is_main:
+            log.warning(f"step {step}: {why}; step skipped ({n} in a row, at most {limit})")
+        if n > limit:
+            return n
+        self.metrics.write_event({"step": step, f"{kind}_skipped": n})
+        return None
 
     def skip_empty_batch(self, step: int) -> None:
         """A global batch without a single target token (only media placeholders and padding)
         would train on nothing and log a NaN loss: the step is not taken, and is reported and
         counted. A data source that keeps yielding such batches stops the run, named."""
-        self.empty_in_row += 1
-        limit = self.cfg.train.max_nonfinite_in_row
-        if self.env.is_main:
-            log.warning(f"step {step}: the batch holds no target token (only media placeholders or padding); step "
-                        f"skipped ({self.empty_in_row} in a row, at most {limit})")
-        if self.empty_in_row > limit:
+        n = self.skip("no_targets", step, "the batch holds no target token (only media placeholders or padding)")
+        if n is not None:
             args = data_args(self.cfg)
             where = (f"data.path={args.path or 'the pydoc topics'}" if args.kind == "text"
                      else ", ".join(str(s.urls) for s in args.resolved_sources()))
-            raise ValueError(f"{self.empty_in_row} batches in a row held no target token: the data ({where}) "
+            raise ValueError(f"{n} batches in a row held no target token: the data ({where}) "
                              "yields documents that are all media placeholders; check its text, or data.max_tiles")
-        self.metrics.write_event({"step": step, "no_targets_skipped": self.empty_in_row})
 
     def train_step(self) -> dict | None:
         """One optimizer step. Returns its metrics row when the step is logged; None when it is
@@ -192,7 +194,7 @@ class Trainer:
         if n_targets.item() == 0:
             self.skip_empty_batch(step)
             return None
-        self.empty_in_row = 0
+        self.skipped_in_row["no_targets"] = 0
         stats = self.forward_backward(micro, n_targets, step)
         with failure_context("gradient norm (all-reduce)", self.env.rank, step):
             grad_norm = clip_grad_norm_(self.model.parameters(), t.max_grad_norm if t.max_grad_norm > 0 else math.inf)
