@@ -97,24 +97,30 @@ def test_checkpoint_loads_into_another_layout(tmp_path, before, after):
     assert b[5][0] != pytest.approx(losses(tmp_path / "ref")[1][0], rel=1e-3)  # it did start from step 4
 
 
-@pytest.mark.parametrize("how", ["SIGTERM to torchrun", "SIGINT to the process group"])
-def test_a_stop_signal_saves_where_it_stopped_and_rerun_resumes(tmp_path, how):
-    """The default data path (shards, 2 loader workers per rank): torchrun passes the signal to
-    each rank's whole process group, workers included. Workers ignore it, the ranks finish the
-    step, save and exit; the rerun continues at the next step."""
+def test_stop_signals_save_where_they_stopped_and_reruns_resume(tmp_path):
+    """The default data path (shards, 2 loader workers per rank): torchrun passes a signal to each
+    rank's whole process group, workers included. Workers ignore it, the ranks finish the step,
+    save and exit; the rerun continues at the next step. First SIGTERM to torchrun, then, on the
+    resumed run, SIGINT to torchrun's process group (what Ctrl-C in a terminal does)."""
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen(cmd(2, "train.steps=500", f"run.dir={run_dir}"), cwd=ROOT, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    wait_for_step(run_dir, proc, 3)
-    if how.startswith("SIGTERM"):
-        proc.send_signal(signal.SIGTERM)
-    else:
-        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
-    out, err = proc.communicate(timeout=120)
-    last = max(losses(run_dir))
-    assert os.listdir(run_dir / "checkpoints") == [f"step-{last:08d}"], err[-3000:]
-    assert "killed by signal" not in err and "KeyboardInterrupt" not in err
-    assert f"stopped at step {last} of 500" in out + err
+    stopped_at = 0
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        proc = subprocess.Popen(cmd(2, "train.steps=500", f"run.dir={run_dir}"), cwd=ROOT, env=ENV,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        wait_for_step(run_dir, proc, stopped_at + 2)
+        if sig == signal.SIGTERM:
+            proc.send_signal(sig)
+        else:
+            os.killpg(proc.pid, sig)
+        out, err = proc.communicate(timeout=120)
+        last = max(losses(run_dir))
+        saved = [f"step-{stopped_at:08d}"] if stopped_at else []
+        assert sorted(os.listdir(run_dir / "checkpoints")) == [*saved, f"step-{last:08d}"], err[-3000:]
+        assert "killed by signal" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+        assert f"stopped at step {last} of 500" in out + err
+        if stopped_at:
+            assert f"resumed from {run_dir}/checkpoints/step-{stopped_at:08d}" in out + err
+        stopped_at = last
     again = run(cmd(2, f"train.steps={last + 2}", f"run.dir={run_dir}"))
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resumed from {run_dir}/checkpoints/step-{last:08d}" in again.stdout + again.stderr
