@@ -292,6 +292,16 @@ class Checkpointer:
 # ---------------------------------------------------------------- loading
 
 
+def checkpoint_step(path: str) -> int:
+    """The step a training checkpoint was saved at (train_state.json; 0 for weights only)."""
+    record = read_json(os.path.join(path, TRAIN_STATE))
+    if record is None:
+        return 0
+    if type(record.get("step")) is not int:
+        raise CheckpointError(f"{os.path.join(path, TRAIN_STATE)} holds no step")
+    return record["step"]
+
+
 def has_train_state(path: str) -> bool:
     """Whether `path` is a full training checkpoint (as opposed to weights only, e.g. converted
     from Hugging Face)."""

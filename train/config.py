@@ -12,6 +12,8 @@ from omegaconf import MISSING, OmegaConf
 from data.args import DataArgs
 from model import ModelArgs
 
+from .phases import PhaseConfig, resolve_phases
+
 # dtypes are spelled as torch spells them; the short names are accepted on input.
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -111,6 +113,7 @@ class PretrainConfig:
     data: DataArgs = field(default_factory=DataArgs)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    phases: list[PhaseConfig] = field(default_factory=list)  # none: one phase of train.* (train/phases.py)
 
 
 def _preset_name() -> str:
@@ -170,7 +173,7 @@ def validate(cfg: PretrainConfig) -> None:
     _choice("parallel.reduce_dtype", p.reduce_dtype, ("float32", "bfloat16"))
     need(p.ep >= 1, f"parallel.ep={p.ep} must be >= 1")
     need(p.dp_replicate >= 1, f"parallel.dp_replicate={p.dp_replicate} must be >= 1")
-    data_args(cfg)  # DataArgs.validate()
+    resolve_phases(cfg, model_args(cfg), data_args(cfg))  # ModelArgs, DataArgs and every phase
     need(cfg.checkpoint.interval >= 0, f"checkpoint.interval={cfg.checkpoint.interval} must be >= 0")
     need(cfg.checkpoint.keep >= 1, f"checkpoint.keep={cfg.checkpoint.keep} must be >= 1")
     need(cfg.logging.interval >= 1, f"logging.interval={cfg.logging.interval} must be >= 1")

@@ -24,6 +24,16 @@ def build_data(args: DataArgs, model: ModelArgs, seq_len: int, batch_size: int, 
     return loader
 
 
+def check_sources(args: DataArgs) -> None:
+    """The shards `args` names exist (FileNotFoundError naming them otherwise), without building a
+    loader; the sample set is built if it is asked for and missing."""
+    if args.kind == "shards":
+        from data.loader import resolve_urls
+
+        for source in args.resolved_sources():
+            resolve_urls(source.urls)
+
+
 def check_tokenizer_fits(tokenizer, name: str, model: ModelArgs) -> None:
     """The tokenizer's ids must exist in the model's embedding, and its <|patch|> id must be the
     one the model fills with image features."""

@@ -31,13 +31,15 @@ from parallel import build_mesh, clip_grad_norm_, init_distributed, mesh_shape
 
 from .balance import expert_metrics, moe_layers, update_expert_bias
 from .build import build_parallel_model
-from .checkpoint import Checkpointer, export_to_hf, find_resume_checkpoint, has_train_state, load_checkpoint
+from .checkpoint import (Checkpointer, checkpoint_step, export_to_hf, find_resume_checkpoint, has_train_state,
+                         load_checkpoint)
 from .config import config_for_disk, data_args, model_args, validate
-from .data import build_data
+from .data import build_data, check_sources
 from .faults import FaultInjector, StopRequest, failure_context, requeue_slurm_job
 from .loss import compute_loss, count_targets
 from .metrics import MetricsWriter, flops_per_token, format_duration, peak_flops
 from .optim import build_optimizer, build_scheduler
+from .phases import Phase, phase_at, resolve_phases
 from .state import TrainState
 from .wandb_log import WandbLogger
 
@@ -62,14 +64,15 @@ class Trainer:
             os.makedirs(self.run_dir, exist_ok=True)
             OmegaConf.save(OmegaConf.create(config_for_disk(cfg)), os.path.join(self.run_dir, "config.yaml"))
 
-        # A rank whose data source produces nothing for this long says so, before the other
-        # ranks' collectives time out waiting for it.
-        stall_s = max(30.0, p.timeout_s / 2)
-        self.data = build_data(data_args(cfg), self.args, t.seq_len, t.batch_size, self.env.rank,
-                               self.env.world_size, t.seed, stall_s)
+        self.phases = resolve_phases(cfg, self.args, data_args(cfg))
+        self.phase = self.phases[0]
+        for phase in self.phases[1:]:  # every phase's shards exist, before any weights do
+            check_sources(phase.data)
+        data = self.build_phase_data(self.phase)
         self.model = build_parallel_model(self.args, t.seed, p, self.env, self.meshes)
         self.optimizer = build_optimizer(self.model, cfg.optim)
-        self.state = TrainState(build_scheduler(self.optimizer, t.steps, cfg.optim), self.data, self.env.rank)
+        scheduler = build_scheduler(self.optimizer, t.steps, cfg.optim, self.phases)
+        self.state = TrainState(scheduler, data, self.env.rank)
         self.faults = FaultInjector(t.faults, self.env.rank)
         self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint.keep, self.env.rank, cfg.checkpoint.async_save,
                                          before_rename=self.faults.crash_in_save)
@@ -80,8 +83,9 @@ class Trainer:
         self.autocast_dtype = torch.bfloat16 if use_bf16 else None
         with torch.device("meta"):
             counts = count_parameters(Transformer(self.args))
-        self.flops_per_token = flops_per_token(self.args, t.seq_len,
-                                               sum(a for c, (_, a) in counts.items() if c != "embedding"))
+        self.active_params = sum(a for c, (_, a) in counts.items() if c != "embedding")
+        self.flops_per_token = flops_per_token(self.phase.model, self.phase.seq_len, self.active_params)
+        self.batches = None  # the data iterator, started at the first step
         self.peak_flops = peak_flops(self.env.device)
         if self.env.is_main:
             log.info(f"model: {sum(n for n, _ in counts.values()) / 1e6:,.1f}M parameters, "
@@ -91,6 +95,36 @@ class Trainer:
         self.skipped_in_row = {"nonfinite": 0, "no_targets": 0}  # steps not taken, in a row, by reason
         self.saved_step: int | None = None  # the step of the newest checkpoint this attempt wrote or loaded
         self.last_checkpoint: str | None = None  # and its path
+
+    # -- phases ---------------------------------------------------------------------------
+    def build_phase_data(self, phase: Phase):
+        # A rank whose data source produces nothing for this long says so, before the other
+        # ranks' collectives time out waiting for it.
+        stall_s = max(30.0, self.cfg.parallel.timeout_s / 2)
+        return build_data(phase.data, phase.model, phase.seq_len, phase.batch_size, self.env.rank,
+                          self.env.world_size, phase.data_seed, stall_s)
+
+    def enter_phase(self, phase: Phase) -> None:
+        """Switch to `phase` at a step boundary: its data stream (from its own seed), its RoPE
+        settings, its sequence length in the FLOP count. Weights, optimizer and counters stay."""
+        if phase.index == self.phase.index:
+            return
+        self.close_batches()
+        self.state.data = self.build_phase_data(phase)
+        self.model.args = phase.model
+        self.phase = phase
+        self.state.phase = phase.index
+        self.flops_per_token = flops_per_token(phase.model, phase.seq_len, self.active_params)
+        if self.env.is_main:
+            log.info(f"phase {phase.name} ({phase.index + 1} of {len(self.phases)}): steps {phase.start + 1}-"
+                     f"{phase.end}, seq_len {phase.seq_len}, batch {phase.batch_size} x {phase.grad_accum} per rank, "
+                     f"lr {phase.lr:g}")
+
+    def close_batches(self) -> None:
+        close = getattr(self.batches, "close", None)
+        if close is not None:
+            close()  # the loader's worker processes end here, not at interpreter exit
+        self.batches = None
 
     # -- start ----------------------------------------------------------------------------
     def resume(self) -> None:
@@ -110,6 +144,8 @@ class Trainer:
             if self.env.is_main:
                 log.info(f"loaded weights from {source}; training starts at step 0")
             return
+        # The phase the checkpoint's next step belongs to decides which data the state loads into.
+        self.enter_phase(phase_at(self.phases, checkpoint_step(source)))
         load_checkpoint(source, self.model, self.optimizer, self.state, verified=own is not None)
         if own is not None:
             self.checkpointer.resumed_from(self.state.step)  # what pruning may touch
@@ -188,7 +224,9 @@ class Trainer:
         t, step = self.cfg.train, self.state.step + 1
         t0 = time.perf_counter()
         self.faults.maybe_hang(step)
-        micro = self.faults.batches([next(self.batches) for _ in range(t.grad_accum)], step)
+        if self.batches is None:
+            self.batches = iter(self.state.data)
+        micro = self.faults.batches([next(self.batches) for _ in range(self.phase.grad_accum)], step)
         with failure_context("counting targets (all-reduce)", self.env.rank, step):
             n_targets = self.env.all_reduce(count_targets(micro))
         if n_targets.item() == 0:
@@ -221,7 +259,8 @@ class Trainer:
         """One metrics.jsonl line: global numbers, the same on every rank."""
         sums = self.env.all_reduce(sums)
         world, tokens = self.env.world_size, int(n_targets.item())
-        row = {"step": step, "loss": (sums[0] / n_targets).item(), "lr": lr, "grad_norm": float(grad_norm),
+        row = {"step": step, **({"phase": self.phase.name} if len(self.phases) > 1 else {}),
+               "loss": (sums[0] / n_targets).item(), "lr": lr, "grad_norm": float(grad_norm),
                "tokens_per_s": tokens / dt, "tokens": self.state.tokens, "router_aux": (sums[1] / world).item(),
                "router_z": (sums[2] / world).item(), "step_time_s": dt}
         if self.moes:
@@ -260,7 +299,6 @@ class Trainer:
         self.started = (time.perf_counter(), self.state.step)
         self.metrics = MetricsWriter(self.run_dir, self.env.is_main, self.cfg.train.steps, self.state.step)
         self.wandb = WandbLogger(self.cfg.logging.wandb, self.run_dir, config_for_disk(self.cfg), self.env.is_main)
-        self.batches = iter(self.data)
         self.stop = StopRequest()
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         self.model.train()
@@ -275,9 +313,12 @@ class Trainer:
                     outcome = "stopped"
                     break
                 step = self.state.step
-                due = interval and step % interval == 0 and step < self.cfg.train.steps
+                switch = step == self.phase.end and step < self.cfg.train.steps
+                due = (interval and step % interval == 0 and step < self.cfg.train.steps) or switch
                 if due and step != self.saved_step:  # (a skipped step leaves the step where it was)
-                    self.save()
+                    self.save()  # at a switch: the last step of the phase that ends, tagged with it
+                if switch:
+                    self.enter_phase(phase_at(self.phases, step))
             else:
                 outcome = "finished"
         finally:
@@ -303,9 +344,7 @@ class Trainer:
             if outcome != "failed":
                 self.env.barrier()
         finally:
-            close = getattr(self.batches, "close", None)
-            if close is not None:
-                close()  # the loader's worker processes end here, not at interpreter exit
+            self.close_batches()
             self.stop.restore()
             self.wandb.finish()  # before a requeue: Slurm may end the job right after it
             self.metrics.close()

@@ -99,7 +99,8 @@ class MetricsWriter:
             return
         self._f.write(json.dumps(row) + "\n")
         self._f.flush()
-        line = (f"step {row['step']}/{self.total_steps} | loss {row['loss']:.4f} | lr {row['lr']:.2e} | "
+        phase = f" ({row['phase']})" if "phase" in row else ""
+        line = (f"step {row['step']}/{self.total_steps}{phase} | loss {row['loss']:.4f} | lr {row['lr']:.2e} | "
                 f"grad {row['grad_norm']:.3f} | {row['tokens_per_s']:,.0f} tok/s")
         if "mfu" in row:
             line += f" | mfu {row['mfu']:.1%}"

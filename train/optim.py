@@ -33,8 +33,17 @@ def wsd_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
     return 1.0 - (1.0 - cfg.min_lr_ratio) * min(progress, 1.0)
 
 
-def build_scheduler(opt: torch.optim.Optimizer, total_steps: int, cfg: OptimConfig):
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: wsd_factor(s, total_steps, cfg))
+def build_scheduler(opt: torch.optim.Optimizer, total_steps: int, cfg: OptimConfig, phases=None):
+    """LambdaLR over optim.lr: one warmup-stable-decay over the run, or, with `phases`
+    (train/phases.py), one per phase, scaled to the phase's peak lr."""
+    if phases is None:
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: wsd_factor(s, total_steps, cfg))
+
+    def factor(step: int) -> float:
+        phase = next((p for p in phases if step < p.end), phases[-1])
+        return phase.lr / cfg.lr * wsd_factor(step - phase.start, phase.steps, phase)
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
 def schedule_at(scheduler: torch.optim.lr_scheduler.LambdaLR, step: int) -> None:

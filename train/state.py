@@ -24,6 +24,7 @@ class TrainState(Stateful):
         self.scheduler, self.data, self.rank = scheduler, data, rank
         self.step = 0
         self.tokens = 0
+        self.phase = 0  # the training phase `data` belongs to (train/phases.py)
 
     @property
     def data_state_is_global(self) -> bool:
@@ -32,13 +33,16 @@ class TrainState(Stateful):
         return bool(getattr(self.data, "state_is_global", False))
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "tokens": self.tokens, "lr": self.scheduler.get_last_lr(),
+        return {"step": self.step, "tokens": self.tokens, "lr": self.scheduler.get_last_lr(), "phase": self.phase,
                 "data": self.data.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.tokens = int(state["step"]), int(state["tokens"])
         schedule_at(self.scheduler, self.step)  # `lr` is for people: the config decides the rate
         data = state.get("data")
+        if int(state.get("phase", 0)) != self.phase:  # saved at the end of the phase before this one
+            log.info(f"rank {self.rank}: a new training phase begins: its data stream starts from its own seed")
+            return
         if data is None:
             log.warning(f"rank {self.rank}: the checkpoint holds no data-loader state for this rank (saved with "
                         "another world size); the data stream restarts from its seed")

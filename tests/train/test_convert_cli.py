@@ -31,7 +31,8 @@ def test_checkpoint_to_hf_and_back(tmp_path, caplog):
     # the end-of-run export (checkpoint.export_hf) wrote the same weights
     from safetensors.torch import load_file
 
-    exported, converted = load_file(tmp_path / "exported/model.safetensors"), load_file(tmp_path / "hf/model.safetensors")
+    exported = load_file(tmp_path / "exported/model.safetensors")
+    converted = load_file(tmp_path / "hf/model.safetensors")
     assert exported.keys() == converted.keys() and all(torch.equal(exported[k], converted[k]) for k in exported)
     # every level of the config names the weights' dtype
     (dtype,) = {str(t.dtype).removeprefix("torch.") for t in converted.values()}

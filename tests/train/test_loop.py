@@ -104,7 +104,8 @@ def test_a_batch_without_targets_is_skipped_and_counted(tmp_path):
     assert [line for line in lines if "no_targets_skipped" in line] == [
         {"step": 2, "no_targets_skipped": 1}, {"step": 2, "no_targets_skipped": 2}]
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(r["loss"] == r["loss"] for r in rows)
-    with pytest.raises(ValueError, match=r"4 batches in a row held no target token: the data \(data.path=the pydoc topics\)"):
+    message = r"4 batches in a row held no target token: the data \(data.path=the pydoc topics\)"
+    with pytest.raises(ValueError, match=message):
         train("train.steps=4", "train.max_nonfinite_in_row=3", "train.faults.empty_steps=[2,2,2,2]",
               f"run.dir={tmp_path}/many")
 

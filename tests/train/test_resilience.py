@@ -60,8 +60,11 @@ def wait_for_step(run_dir, proc, step, timeout=120):
 
 
 def test_sigkill_then_rerun_reproduces_the_uninterrupted_run(tmp_path):
-    """2 ranks, the real shard pipeline (2 workers per rank): bitwise identical losses after resume."""
-    steps = ["train.steps=12", "checkpoint.interval=3"]
+    """2 ranks, the real shard pipeline (2 workers per rank), two training phases (the second at
+    twice the sequence length, on its own data stream): killed in the second phase, the rerun
+    gives bitwise the uninterrupted losses."""
+    steps = ["train.steps=12", "checkpoint.interval=3",
+             "phases=[{name: short, steps: 5}, {name: long, seq_len: 256, batch_size: 1}]"]
     run_ranks(train_in_process, 2, *steps, f"run.dir={tmp_path}/ref")  # the uninterrupted reference
 
     killed = cmd(2, *steps, f"run.dir={tmp_path}/killed")
@@ -73,6 +76,7 @@ def test_sigkill_then_rerun_reproduces_the_uninterrupted_run(tmp_path):
     again = run(killed)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed from" in again.stdout + again.stderr
+    assert "phase long" in again.stdout + again.stderr  # the rerun starts in the second phase
     a, b = losses(tmp_path / "ref"), losses(tmp_path / "killed")
     assert sorted(b) == list(range(1, 13))
     assert a == b  # every step, bitwise (fp32 on CPU)
