@@ -100,6 +100,9 @@ class WandbConfig:
 class LoggingConfig:
     interval: int = 1  # steps between metrics.jsonl lines and console lines
     expert_table_interval: int = 100  # steps between full tokens-per-expert tables (expert_counts); 0: never
+    # Loss per bucket of in-document position (edges, ascending), logged when seq_len passes the first
+    # edge: loss/pos_0-1K, loss/pos_1K-8K, ... ([] : off)
+    position_buckets: list[int] = field(default_factory=lambda: [1024, 8192, 32768, 131072])
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -179,6 +182,9 @@ def validate(cfg: PretrainConfig) -> None:
     need(cfg.logging.interval >= 1, f"logging.interval={cfg.logging.interval} must be >= 1")
     need(cfg.logging.expert_table_interval >= 0,
          f"logging.expert_table_interval={cfg.logging.expert_table_interval} must be >= 0")
+    edges = list(cfg.logging.position_buckets)
+    need(all(e > 0 for e in edges) and edges == sorted(set(edges)),
+         f"logging.position_buckets={edges} must be positive and ascending")
     _choice("logging.wandb.mode", cfg.logging.wandb.mode, ("online", "offline", "disabled"))
 
 

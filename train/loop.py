@@ -36,7 +36,7 @@ from .checkpoint import (Checkpointer, checkpoint_step, export_to_hf, find_resum
 from .config import config_for_disk, data_args, model_args, validate
 from .data import build_data, check_sources
 from .faults import FaultInjector, StopRequest, failure_context, requeue_slurm_job
-from .loss import compute_loss, count_targets
+from .loss import bucket_names, compute_loss, count_targets
 from .metrics import MetricsWriter, flops_per_token, format_duration, peak_flops
 from .optim import build_optimizer, build_scheduler
 from .phases import Phase, phase_at, resolve_phases
@@ -158,18 +158,27 @@ class Trainer:
         """Backward of every micro-batch; returns the step's sums for the metrics (this rank's)."""
         sums = torch.zeros(4, dtype=torch.float64)  # CE, router aux, router z, routed token slots
         counts = torch.zeros(len(self.moes), self.args.n_experts, dtype=torch.long)  # tokens per expert
+        by_position = None  # [2, buckets]: CE and targets per bucket of in-document position
         accum = len(micro)
         for batch in micro:
             with failure_context("forward/backward (FSDP and expert collectives)", self.env.rank, step):
                 out = compute_loss(self.model, batch, self.args, global_targets=n_targets,
                                    world_size=self.env.world_size, grad_accum=accum,
-                                   autocast_dtype=self.autocast_dtype)
+                                   autocast_dtype=self.autocast_dtype, position_buckets=self.position_buckets())
                 self.faults.loss(out.loss, step).backward()
             sums += torch.stack((out.ce_sum.cpu().double(), out.router[0].cpu().double() / accum,
                                  out.router[1].cpu().double() / accum,
                                  torch.tensor(float(out.routed_slots), dtype=torch.float64)))
             counts += out.expert_counts
-        return {"sums": sums, "expert_counts": counts, "skipped": micro[-1].get("skipped", {})}
+            if out.by_position is not None:
+                by_position = out.by_position if by_position is None else by_position + out.by_position
+        return {"sums": sums, "expert_counts": counts, "skipped": micro[-1].get("skipped", {}),
+                "by_position": by_position}
+
+    def position_buckets(self) -> list[int] | None:
+        """The loss-by-position edges, when this phase's rows reach past the first."""
+        edges = list(self.cfg.logging.position_buckets)
+        return edges if edges and self.phase.seq_len > edges[0] else None
 
     def optimizer_step(self, grad_norm: torch.Tensor, step: int) -> bool:
         """Step the optimizer and the schedule, unless the gradient norm is not finite: then the
@@ -252,8 +261,13 @@ class Trainer:
             update_expert_bias(self.moes, counts, self.args.aux_free_bias_update_rate)
         if not log_now:
             return None
-        return self.metrics_row(step, lr, grad_norm, n_targets, stats["sums"], counts, stats["skipped"],
-                                time.perf_counter() - t0, table_now)
+        row = self.metrics_row(step, lr, grad_norm, n_targets, stats["sums"], counts, stats["skipped"],
+                               time.perf_counter() - t0, table_now)
+        if stats["by_position"] is not None:
+            ce, n = self.env.all_reduce(stats["by_position"])
+            row.update({name: (s / c).item() for name, s, c in
+                        zip(bucket_names(list(self.cfg.logging.position_buckets)), ce, n) if c > 0})
+        return row
 
     def metrics_row(self, step, lr, grad_norm, n_targets, sums, counts, skipped, dt, table_now) -> dict:
         """One metrics.jsonl line: global numbers, the same on every rank."""

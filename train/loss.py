@@ -28,6 +28,7 @@ class LossOutput:
     router: torch.Tensor  # [aux, z]: router losses, mean over MoE layers (detached, fp32)
     expert_counts: torch.Tensor  # [n_moe_layers, n_experts] tokens per expert (long, CPU)
     routed_slots: int  # tokens x top_k: what a dropless layer computes
+    by_position: torch.Tensor | None = None  # [2, n_buckets]: CE sum and target count per position bucket
 
 
 def count_targets(batches: list[dict]) -> torch.Tensor:
@@ -47,16 +48,48 @@ def model_inputs(batch: dict, device: torch.device, args: ModelArgs) -> dict:
 
 
 def compute_loss(model, batch: dict, args: ModelArgs, *, global_targets: torch.Tensor | float, world_size: int = 1,
-                 grad_accum: int = 1, autocast_dtype: torch.dtype | None = None) -> LossOutput:
-    """Forward one micro-batch and return its loss, normalised as the module docstring says."""
+                 grad_accum: int = 1, autocast_dtype: torch.dtype | None = None,
+                 position_buckets: list[int] | None = None) -> LossOutput:
+    """Forward one micro-batch and return its loss, normalised as the module docstring says.
+    With `position_buckets` (ascending bucket edges), also the cross-entropy summed per bucket of
+    the target's position in its document: what a long-context phase should improve."""
     device = next(model.parameters()).device
     labels = batch["labels"].to(device)
     autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
                 else contextlib.nullcontext())
     with autocast:
         logits, router, counts = model(**model_inputs(batch, device, args), return_router_stats=True)
-    ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    per_token = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
+                                reduction="none")
+    ce = per_token.sum()
     router = router.float()
     loss = (ce * world_size / global_targets
             + (args.aux_loss_weight * router[0] + args.router_z_loss_coef * router[1]) / grad_accum)
-    return LossOutput(loss, ce.detach(), router.detach(), counts.cpu(), labels.numel() * args.top_k)
+    by_position = None
+    if position_buckets:
+        by_position = _by_position(per_token.detach(), labels, batch.get("positions"), position_buckets)
+    return LossOutput(loss, ce.detach(), router.detach(), counts.cpu(), labels.numel() * args.top_k, by_position)
+
+
+def _by_position(per_token: torch.Tensor, labels: torch.Tensor, positions, edges: list[int]) -> torch.Tensor:
+    """[2, len(edges) + 1] float64 on the CPU: CE sum and target count per bucket of positions."""
+    B, T = labels.shape
+    if positions is None:
+        positions = torch.arange(T, device=labels.device).expand(B, T)
+    bucket = torch.bucketize(positions.to(labels.device).contiguous(), torch.tensor(edges, device=labels.device),
+                             right=True)
+    valid = (labels != IGNORE_INDEX).flatten()
+    bucket = bucket.flatten()[valid]
+    n = len(edges) + 1
+    sums = torch.zeros(n, dtype=torch.float64, device=labels.device).index_add_(0, bucket, per_token[valid].double())
+    counts = torch.bincount(bucket, minlength=n).double()
+    return torch.stack((sums, counts)).cpu()
+
+
+def bucket_names(edges: list[int]) -> list[str]:
+    """loss/pos_0-1K, loss/pos_1K-8K, ..., loss/pos_128K+ for edges [1024, 8192, ..., 131072]."""
+    def short(n: int) -> str:
+        return f"{n // 1024}K" if n % 1024 == 0 and n else str(n)
+
+    bounds = [0, *edges]
+    return [f"loss/pos_{short(lo)}-{short(hi)}" for lo, hi in zip(bounds, edges)] + [f"loss/pos_{short(edges[-1])}+"]

@@ -159,3 +159,17 @@ def test_a_new_run_in_a_used_run_dir_keeps_and_exports_its_own_checkpoint(tmp_pa
     export_to_hf(str(run_dir / "checkpoints/step-00000001"), str(tmp_path / "hf1"))
     exported, expected = load_file(tmp_path / "hf/model.safetensors"), load_file(tmp_path / "hf1/model.safetensors")
     assert all(torch.equal(exported[k], expected[k]) for k in expected)
+
+
+def test_loss_by_position_bucket(tmp_path):
+    """Each target's loss is counted in the bucket of its position in the document; the buckets
+    together make up the loss. Rows no longer than the first edge log no buckets."""
+    rows = train("train.steps=1", "train.seq_len=128", "logging.position_buckets=[32,64]", f"run.dir={tmp_path}/a")
+    row = rows[0]
+    assert sorted(k for k in row if k.startswith("loss/")) == ["loss/pos_0-32", "loss/pos_32-64", "loss/pos_64+"]
+    # text rows: positions 0..127, every one a target: 32, 32 and 64 targets per row
+    mixed = (32 * row["loss/pos_0-32"] + 32 * row["loss/pos_32-64"] + 64 * row["loss/pos_64+"]) / 128
+    assert mixed == pytest.approx(row["loss"], rel=1e-6)
+    assert len({row["loss/pos_0-32"], row["loss/pos_32-64"], row["loss/pos_64+"]}) == 3
+    rows = train("train.steps=1", "train.seq_len=32", "logging.position_buckets=[32,64]", f"run.dir={tmp_path}/b")
+    assert not any(k.startswith("loss/") for k in rows[0])
