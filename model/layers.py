@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .args import ModelArgs
+from .attention import AttentionLayout
 
 
 class RMSNorm(nn.Module):
@@ -67,71 +68,21 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.flatten(-2).type_as(x)
 
 
-# ---------------------------------------------------------------- attention masks
-
-
-class AttentionMasks:
-    """The two masks of iRoPE for one batch: `global_mask` for NoPE layers, `chunked_mask`
-    for RoPE layers. A mask of None means plain causal attention (SDPA's fast path).
-    Masks are boolean [B, 1, T, T], True where attention is allowed; documents packed into
-    one row never see each other."""
-
-    def __init__(
-        self,
-        seq_len: int,
-        chunk_size: int | None,
-        positions: torch.Tensor | None,
-        doc_ids: torch.Tensor | None,
-        device: torch.device,
-    ):
-        self.chunk_size = chunk_size
-        self.chunks_by_reshape = False
-        # The T x T masks are built only when SDPA's causal fast path cannot serve: at long
-        # context they are the largest tensors of the step.
-        causal = same_doc = None
-        explicit_chunks = chunk_size is not None and (
-            positions is not None or (seq_len > chunk_size and seq_len % chunk_size != 0))
-        if doc_ids is not None or explicit_chunks:
-            causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()
-        if doc_ids is not None:
-            same_doc = doc_ids[:, None, :, None] == doc_ids[:, None, None, :]
-        self.global_mask = None if same_doc is None else causal & same_doc
-
-        if chunk_size is None:
-            self.chunked_mask = self.global_mask
-        elif positions is None and doc_ids is None and seq_len <= chunk_size:
-            self.chunked_mask = None
-        elif positions is None and doc_ids is None and seq_len % chunk_size == 0:
-            # Independent chunks: attend within [B * n_chunks, chunk] rows, no mask needed.
-            self.chunks_by_reshape = True
-            self.chunked_mask = None
-        else:
-            if positions is None:
-                positions = torch.arange(seq_len, device=device)[None]
-            self.chunked_mask = self._chunk_mask(causal, same_doc, positions, chunk_size)
-
-    @staticmethod
-    def _chunk_mask(causal, same_doc, positions, chunk_size):
-        chunk = torch.div(positions, chunk_size, rounding_mode="floor")
-        mask = causal & (chunk[:, None, :, None] == chunk[:, None, None, :])
-        return mask if same_doc is None else mask & same_doc
-
-
-def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """q [B, H, T, D], k/v [B, Hkv, T, D]; causal when mask is None."""
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+# ---------------------------------------------------------------- attention
 
 
 class Attention(nn.Module):
     """Grouped-query attention. RoPE layers: RoPE, then weightless qk RMSNorm, then chunked
     local causal attention. NoPE layers: no rotation, temperature-tuned queries, global causal
-    attention."""
+    attention. Both stay within the document; the batch's AttentionLayout (attention.py) says
+    which tokens form a segment."""
 
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_size
         self.use_rope = not args.is_nope_layer(layer)
-        self.qk_norm = RMSNorm(self.head_dim, args.norm_eps, weight=False) if (args.use_qk_norm and self.use_rope) else None
+        use_qk_norm = args.use_qk_norm and self.use_rope
+        self.qk_norm = RMSNorm(self.head_dim, args.norm_eps, weight=False) if use_qk_norm else None
         self.temperature_tuning = args.attn_temperature_tuning and not self.use_rope
         self.floor_scale, self.attn_scale = args.floor_scale, args.attn_scale
         self.wq = nn.Linear(args.dim, self.n_heads * self.head_dim, bias=False)
@@ -139,7 +90,7 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(self.n_heads * self.head_dim, args.dim, bias=False)
 
-    def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor], positions: torch.Tensor, masks: AttentionMasks):
+    def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor], positions: torch.Tensor, layout: AttentionLayout):
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
@@ -151,16 +102,8 @@ class Attention(nn.Module):
         elif self.temperature_tuning:
             scale = 1.0 + self.attn_scale * torch.log1p(torch.floor((positions.float() + 1.0) / self.floor_scale))
             q = (q * scale[:, :, None, None]).to(q.dtype)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-
-        if self.use_rope and masks.chunks_by_reshape:
-            c = masks.chunk_size
-            split = lambda t: t.unflatten(2, (T // c, c)).transpose(1, 2).flatten(0, 1)  # noqa: E731
-            out = sdpa(split(q), split(k), split(v), None)
-            out = out.unflatten(0, (B, T // c)).transpose(1, 2).flatten(2, 3)
-        else:
-            out = sdpa(q, k, v, masks.chunked_mask if self.use_rope else masks.global_mask)
-        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+        out = layout.attend(q, k, v, chunked=self.use_rope)
+        return self.wo(out.reshape(B, T, -1))
 
 
 class FeedForward(nn.Module):

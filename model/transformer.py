@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from .args import ModelArgs
-from .layers import Attention, AttentionMasks, FeedForward, RMSNorm, rope_cos_sin, rope_inv_freq
+from .attention import AttentionLayout
+from .layers import Attention, FeedForward, RMSNorm, rope_cos_sin, rope_inv_freq
 from .moe import MoE
 from .vision import VisionEncoder, scatter_image_features
 
@@ -27,9 +28,9 @@ class Block(nn.Module):
         self.is_moe = args.is_moe_layer(layer)
         self.feed_forward = MoE(args) if self.is_moe else FeedForward(args.dim, args.ffn_hidden)
 
-    def forward(self, h, rope, positions, masks: AttentionMasks):
+    def forward(self, h, rope, positions, layout: AttentionLayout):
         """Returns (h, router losses [2] or None, tokens per expert [E] or None)."""
-        h = h + self.attention(self.attention_norm(h), rope, positions, masks)
+        h = h + self.attention(self.attention_norm(h), rope, positions, layout)
         if self.is_moe:
             out, losses, counts = self.feed_forward(self.ffn_norm(h))
             return h + out, losses, counts
@@ -81,14 +82,14 @@ class Transformer(nn.Module):
             # Runs even for zero tiles, so every data-parallel rank calls the encoder each step.
             features = self.vision(images.to(h.dtype))
             h = scatter_image_features(h, tokens, features, self.args.patch_token_id)
-        masks = AttentionMasks(T, self.args.attention_chunk_size, positions, doc_ids, tokens.device)
+        layout = AttentionLayout(B, T, self.args.attention_chunk_size, positions, doc_ids, tokens.device)
         if positions is None:
             positions = torch.arange(T, device=tokens.device).expand(B, T)
         rope = rope_cos_sin(rope_inv_freq(self.args, tokens.device), positions)
 
         losses, counts = [], []
         for block in self.layers.values():
-            h, layer_losses, layer_counts = block(h, rope, positions, masks)
+            h, layer_losses, layer_counts = block(h, rope, positions, layout)
             if layer_losses is not None:
                 losses.append(layer_losses)
                 counts.append(layer_counts)

@@ -1,9 +1,9 @@
-"""Masks of iRoPE attention, checked against attention computed piece by piece."""
+"""iRoPE attention patterns, checked against attention computed piece by piece."""
 import pytest
 import torch
 
 from model import ModelArgs, Transformer
-from model.layers import AttentionMasks
+from model.attention import AttentionLayout
 
 
 def tiny(**kw):
@@ -64,11 +64,16 @@ def test_chunked_layers_do_not_see_past_chunk():
     assert d[3:].min() > 1e-2 and d[:3].max() <= 1e-5
 
 
-def test_mask_kinds():
-    m = AttentionMasks(16, 8, None, None, torch.device("cpu"))
-    assert m.chunks_by_reshape and m.global_mask is None
-    m = AttentionMasks(6, 8, None, None, torch.device("cpu"))
-    assert m.chunked_mask is None and not m.chunks_by_reshape
+def test_layout_kinds():
+    cpu = torch.device("cpu")
+    m = AttentionLayout(2, 16, 8, None, None, cpu)
+    assert m.chunks_by_reshape and m.global_segments is None
+    m = AttentionLayout(2, 6, 8, None, None, cpu)
+    assert m.chunked_segments is None and not m.chunks_by_reshape
+    m = AttentionLayout(2, 20, 8, None, None, cpu)  # 20 % 8 != 0: segments 8, 8, 4 per row
+    assert m.chunked_segments.lengths.tolist() == [8, 8, 4, 8, 8, 4] and m.global_segments is None
+    one_doc = torch.zeros(2, 20, dtype=torch.long)
+    assert AttentionLayout(2, 20, 8, None, one_doc, cpu).global_segments.whole_rows
 
 
 @pytest.mark.parametrize("bad,match", [(dict(n_heads=6, n_kv_heads=4), "n_kv_heads=4"),
