@@ -35,7 +35,7 @@ def trainer_error(tmp_path, monkeypatch):
     ("model.n_kv_heads=3", "n_kv_heads=3"),
     ("model.top_k=9", "top_k=9"),
     ("parallel.ep=3", "parallel.ep=3"),
-    ("train.seq_len=4096", "train.seq_len=4096"),
+    ("train.seq_len=8192", "train.seq_len=8192"),
     ("train.dtype=float8", "train.dtype='float8'"),
     ("logging.wandb.mode=sometimes", "sometimes"),
     ("data.kind=video", "data.kind='video'"),
