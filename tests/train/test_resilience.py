@@ -105,7 +105,7 @@ def test_stop_signals_save_where_they_stopped_and_reruns_resume(tmp_path):
     """The default data path (shards, 2 loader workers per rank): torchrun passes a signal to each
     rank's whole process group, workers included. Workers ignore it, the ranks finish the step,
     save and exit; the rerun continues at the next step. First SIGTERM to torchrun, then, on the
-    resumed run, SIGINT to torchrun's process group (what Ctrl-C in a terminal does)."""
+    rerun (which resumes), SIGINT to torchrun's process group (what Ctrl-C in a terminal does)."""
     run_dir = tmp_path / "run"
     stopped_at = 0
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -122,13 +122,10 @@ def test_stop_signals_save_where_they_stopped_and_reruns_resume(tmp_path):
         assert sorted(os.listdir(run_dir / "checkpoints")) == [*saved, f"step-{last:08d}"], err[-3000:]
         assert "killed by signal" not in err and "KeyboardInterrupt" not in err, err[-3000:]
         assert f"stopped at step {last} of 500" in out + err
-        if stopped_at:
+        if stopped_at:  # the second run resumed where the first stopped and trained on
             assert f"resumed from {run_dir}/checkpoints/step-{stopped_at:08d}" in out + err
         stopped_at = last
-    again = run(cmd(2, f"train.steps={last + 2}", f"run.dir={run_dir}"))
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert f"resumed from {run_dir}/checkpoints/step-{last:08d}" in again.stdout + again.stderr
-    assert sorted(losses(run_dir)) == list(range(1, last + 3))
+    assert sorted(losses(run_dir)) == list(range(1, last + 1))
 
 
 def test_crash_while_writing_keeps_the_previous_checkpoint(tmp_path):
