@@ -12,7 +12,7 @@ from omegaconf import MISSING, OmegaConf
 from data.args import DataArgs
 from model import ModelArgs
 
-from .phases import PhaseConfig, resolve_phases
+from .phases import Phase, PhaseConfig, resolve_phases
 
 # dtypes are spelled as torch spells them; the short names are accepted on input.
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -144,8 +144,9 @@ def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"{name}={value!r} is not one of {', '.join(allowed)}")
 
 
-def validate(cfg: PretrainConfig) -> None:
-    """Values the schema's types cannot check. Raises ValueError naming the key and value."""
+def validate(cfg: PretrainConfig) -> list[Phase]:
+    """Values the schema's types cannot check. Raises ValueError naming the key and value.
+    Returns the run's resolved phases (train/phases.py), which the checks build anyway."""
     def need(ok: bool, msg: str) -> None:
         if not ok:
             raise ValueError(msg)
@@ -176,7 +177,7 @@ def validate(cfg: PretrainConfig) -> None:
     _choice("parallel.reduce_dtype", p.reduce_dtype, ("float32", "bfloat16"))
     need(p.ep >= 1, f"parallel.ep={p.ep} must be >= 1")
     need(p.dp_replicate >= 1, f"parallel.dp_replicate={p.dp_replicate} must be >= 1")
-    resolve_phases(cfg, model_args(cfg), data_args(cfg))  # ModelArgs, DataArgs and every phase
+    phases = resolve_phases(cfg, model_args(cfg), data_args(cfg))  # ModelArgs, DataArgs and every phase
     need(cfg.checkpoint.interval >= 0, f"checkpoint.interval={cfg.checkpoint.interval} must be >= 0")
     need(cfg.checkpoint.keep >= 1, f"checkpoint.keep={cfg.checkpoint.keep} must be >= 1")
     need(cfg.logging.interval >= 1, f"logging.interval={cfg.logging.interval} must be >= 1")
@@ -186,6 +187,7 @@ def validate(cfg: PretrainConfig) -> None:
     need(all(e > 0 for e in edges) and edges == sorted(set(edges)),
          f"logging.position_buckets={edges} must be positive and ascending")
     _choice("logging.wandb.mode", cfg.logging.wandb.mode, ("online", "offline", "disabled"))
+    return phases
 
 
 def config_for_disk(cfg) -> dict:

@@ -39,7 +39,7 @@ from .faults import FaultInjector, StopRequest, failure_context, requeue_slurm_j
 from .loss import bucket_names, compute_loss, count_targets
 from .metrics import MetricsWriter, flops_per_token, format_duration, peak_flops
 from .optim import build_optimizer, build_scheduler
-from .phases import Phase, phase_at, resolve_phases
+from .phases import Phase, phase_at
 from .state import TrainState
 from .wandb_log import WandbLogger
 
@@ -50,7 +50,8 @@ class Trainer:
     def __init__(self, cfg):
         """Build in the order that fails fastest: config, process group, data (a bad source or
         tokenizer stops the run in seconds), then the model and optimizer."""
-        validate(cfg)
+        self.phases = validate(cfg)
+        self.phase = self.phases[0]
         self.cfg, t, p = cfg, cfg.train, cfg.parallel
         self.args = model_args(cfg)
         # The layout is checked before the process group exists, so that its error is a config
@@ -64,12 +65,11 @@ class Trainer:
             os.makedirs(self.run_dir, exist_ok=True)
             OmegaConf.save(OmegaConf.create(config_for_disk(cfg)), os.path.join(self.run_dir, "config.yaml"))
 
-        self.phases = resolve_phases(cfg, self.args, data_args(cfg))
-        self.phase = self.phases[0]
         for phase in self.phases[1:]:  # every phase's shards exist, before any weights do
             check_sources(phase.data)
         data = self.build_phase_data(self.phase)
-        self.model = build_parallel_model(self.args, t.seed, p, self.env, self.meshes)
+        # The first phase's model: the run's, with the RoPE settings the phase may change.
+        self.model = build_parallel_model(self.phase.model, t.seed, p, self.env, self.meshes)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         scheduler = build_scheduler(self.optimizer, t.steps, cfg.optim, self.phases)
         self.state = TrainState(scheduler, data, self.env.rank)

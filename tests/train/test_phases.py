@@ -91,3 +91,12 @@ def test_rope_settings_change_only_when_a_phase_says_so():
     from model.layers import rope_inv_freq
 
     assert not torch.equal(rope_inv_freq(short.model), rope_inv_freq(long.model))
+
+
+def test_the_first_phase_rope_settings_reach_the_model(tmp_path):
+    from train.loop import Trainer
+
+    trainer = Trainer(compose([*RUN, "+phases.0.model.rope_scaling_factor=2.0", f"run.dir={tmp_path}"]))
+    assert trainer.model.args.rope_scaling_factor == 2.0
+    trainer.run()
+    assert trainer.model.args.rope_scaling_factor == 4.0  # the second phase takes the run's value again
