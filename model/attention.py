@@ -17,10 +17,9 @@ back. Memory is O(T) per row; no [T, T] tensor exists on any path.
 Without positions and doc_ids, plain causal SDPA serves, and chunked layers whose chunks tile
 the row exactly attend as independent rows (`chunked_by_reshape`).
 
-Context parallelism (not implemented) can reuse the same two functions: a rank builds
-`Segments` for the tokens it attends over (its shard plus, for chunked layers, the halo of
-earlier tokens that share a segment with its first tokens; for global layers the all-gathered
-K/V of the documents that overlap its shard) and keeps the outputs of its own queries.
+Context parallelism (parallel/context.py) attends over the same segments with a layout of its
+own: a rank's queries are runs inside segments whose earlier tokens other ranks hold, so each
+run attends to the segment up to its end with `suffix_causal_attention`.
 """
 from __future__ import annotations
 
@@ -28,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 # Segments up to this length share one batch; above it, 8 padded lengths per octave, so padding
 # adds less than 1/8 to the work of any segment that needs padding at all.
@@ -43,6 +43,22 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     -> [N, T, H, D]."""
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                          is_causal=True, enable_gqa=True)
+    return out.transpose(1, 2)
+
+
+def suffix_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lower_right: bool) -> torch.Tensor:
+    """Causal attention of the last Q of K tokens: q [N, Q, H, D], k/v [N, K, Hkv, D], Q <= K, query
+    i sees keys j <= i + K - Q (aligned to the lower right). With `lower_right`, SDPA's
+    `causal_lower_right` bias (flash attention on CUDA; a materialised [Q, K] mask elsewhere);
+    without, Q must equal K and plain causal attention runs."""
+    Q, K = q.shape[1], k.shape[1]
+    if Q == K:
+        return causal_attention(q, k, v)
+    if not lower_right:
+        raise ValueError(f"{Q} queries over {K} keys need lower_right=True")
+    repeat = q.shape[2] // k.shape[2]  # the bias's kernels take equal head counts
+    k, v = (t.repeat_interleave(repeat, dim=2).transpose(1, 2) for t in (k, v))
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=causal_lower_right(Q, K))
     return out.transpose(1, 2)
 
 
@@ -92,7 +108,7 @@ class Segments:
     lengths: torch.Tensor
 
 
-def _padded_lengths(lengths: torch.Tensor) -> torch.Tensor:
+def padded_lengths(lengths: torch.Tensor) -> torch.Tensor:
     """The length each segment is batched under: 16 for the shortest, else rounded up on a
     ladder of 8 steps per octave."""
     octave = torch.log2(lengths.double()).floor().long()
@@ -122,7 +138,7 @@ def causal_segments(keys: torch.Tensor) -> Segments:
     if starts.numel() == B and order is None:
         return Segments((), torch.empty(0, dtype=torch.long, device=device), True, lengths)
 
-    padded = _padded_lengths(lengths)
+    padded = padded_lengths(lengths)
     slot = torch.empty(n, dtype=torch.long)  # per token (in run order): its row in the concatenated outputs
     groups, offset = [], 0
     for size in torch.unique(padded).tolist():

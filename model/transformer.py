@@ -62,6 +62,8 @@ class Transformer(nn.Module):
         doc_ids: torch.Tensor | None = None,
         images: torch.Tensor | None = None,
         return_router_stats: bool = False,
+        layout=None,
+        image_rows: torch.Tensor | None = None,
     ):
         """tokens [B, T] -> logits [B, T, vocab].
 
@@ -70,7 +72,11 @@ class Transformer(nn.Module):
         [N, 3, image_size, image_size] are the pixel tiles of the batch in the order of their
         <|patch|> groups (row-major over tokens); each fills tokens_per_tile <|patch|> slots. With
         `return_router_stats`, also returns router losses [2] (aux, z; mean over MoE layers) and
-        tokens per expert [n_moe_layers, E]."""
+        tokens per expert [n_moe_layers, E].
+
+        Context parallelism (parallel/context.py) passes part of each row: its own `layout` (an
+        object with AttentionLayout's `attend`) and `image_rows`, the rows of the flattened image
+        features that fill this part's <|patch|> slots, in order."""
         B, T = tokens.shape
         h = self.tok_embeddings(tokens)
         if images is not None:
@@ -81,8 +87,11 @@ class Transformer(nn.Module):
                 )
             # Runs even for zero tiles, so every data-parallel rank calls the encoder each step.
             features = self.vision(images.to(h.dtype))
+            if image_rows is not None:
+                features = features.flatten(0, -2)[image_rows]
             h = scatter_image_features(h, tokens, features, self.args.patch_token_id)
-        layout = AttentionLayout(B, T, self.args.attention_chunk_size, positions, doc_ids, tokens.device)
+        if layout is None:
+            layout = AttentionLayout(B, T, self.args.attention_chunk_size, positions, doc_ids, tokens.device)
         if positions is None:
             positions = torch.arange(T, device=tokens.device).expand(B, T)
         rope = rope_cos_sin(rope_inv_freq(self.args, tokens.device), positions)

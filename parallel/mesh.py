@@ -4,6 +4,10 @@ Mesh dimensions follow torchtitan's names: `dp_replicate` (HSDP replicas), `dp_s
 ranks) and, inside dp_shard, `ep` (expert-parallel ranks) with `dp_shard_mod_ep` =
 dp_shard / ep. Dense weights are sharded over all of dp_shard; routed experts are split
 over ep and sharded over dp_shard_mod_ep.
+
+Context parallelism (`cp`) is carved from dp_shard too: groups of cp consecutive ranks share
+the rows of a batch (parallel/context.py). FSDP still shards over every rank of dp_shard, so cp
+costs no extra weight memory; the ranks that load distinct data are world_size / cp.
 """
 from __future__ import annotations
 
@@ -64,7 +68,8 @@ def init_distributed(device: str = "auto", backend: str = "auto", timeout_s: int
     return Distributed(rank, world_size, local_rank, dev)
 
 
-def mesh_shape(world_size: int, dp_shard: int, dp_replicate: int, ep: int, n_experts: int) -> tuple[int, int, int]:
+def mesh_shape(world_size: int, dp_shard: int, dp_replicate: int, ep: int, n_experts: int,
+               cp: int = 1) -> tuple[int, int, int]:
     """(dp_replicate, dp_shard_mod_ep, ep) for this world size; raises naming the bad value."""
     if dp_replicate < 1:
         raise ValueError(f"parallel.dp_replicate={dp_replicate} must be >= 1")
@@ -84,6 +89,9 @@ def mesh_shape(world_size: int, dp_shard: int, dp_replicate: int, ep: int, n_exp
                          f"{world_size} / dp_replicate {dp_replicate})")
     if ep > 1 and (n_experts <= 0 or n_experts % ep):
         raise ValueError(f"parallel.ep={ep} must divide the number of experts model.n_experts={n_experts}")
+    if cp < 1 or dp_shard % cp:
+        raise ValueError(f"parallel.cp={cp} must divide the data-parallel shard size {dp_shard} (world size "
+                         f"{world_size} / dp_replicate {dp_replicate}): cp ranks share each row of a batch")
     return dp_replicate, dp_shard // ep, ep
 
 
@@ -96,11 +104,13 @@ class Meshes:
     dense: DeviceMesh
     experts: DeviceMesh | None
     shape: tuple[int, int, int]
+    cp: DeviceMesh | None = None  # (dp, cp): groups of cp consecutive ranks that share rows
 
 
-def build_mesh(env: Distributed, dp_shard: int, dp_replicate: int, ep: int, n_experts: int) -> Meshes | None:
+def build_mesh(env: Distributed, dp_shard: int, dp_replicate: int, ep: int, n_experts: int,
+               cp: int = 1) -> Meshes | None:
     """The meshes for this job, or None for a single process (nothing to shard)."""
-    shape = mesh_shape(env.world_size, dp_shard, dp_replicate, ep, n_experts)
+    shape = mesh_shape(env.world_size, dp_shard, dp_replicate, ep, n_experts, cp)
     if env.world_size == 1:
         return None
     dp_rep, shard_mod_ep, ep = shape
@@ -114,4 +124,7 @@ def build_mesh(env: Distributed, dp_shard: int, dp_replicate: int, ep: int, n_ex
         # Expert gradients are DTensors over dp_shard_mod_ep x ep: with the two dimensions also
         # available as one, their norm is a single all-reduce, bitwise the same on every rank.
         experts["dp_shard_mod_ep", "ep"]._flatten("dp_shard_in_ep")
-    return Meshes(dense, experts, shape)
+    cp_mesh = None
+    if cp > 1:
+        cp_mesh = init_device_mesh(env.device.type, (env.world_size // cp, cp), mesh_dim_names=("dp", "cp"))["cp"]
+    return Meshes(dense, experts, shape, cp_mesh)

@@ -67,6 +67,7 @@ class ParallelConfig:
     dp_shard: int = -1  # FSDP ranks; -1: world_size / dp_replicate
     dp_replicate: int = 1  # HSDP replicas (replicate across, shard within)
     ep: int = 1  # expert-parallel ranks, carved out of dp_shard
+    cp: int = 1  # context-parallel ranks sharing each row (parallel/context.py), carved out of dp_shard
     backend: str = "auto"  # auto: nccl on CUDA, gloo on CPU
     param_dtype: str = "auto"  # FSDP compute dtype: auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16
     reduce_dtype: str = "float32"
@@ -176,8 +177,13 @@ def validate(cfg: PretrainConfig) -> list[Phase]:
     _choice("parallel.param_dtype", p.param_dtype, ("auto", "float32", "bfloat16"))
     _choice("parallel.reduce_dtype", p.reduce_dtype, ("float32", "bfloat16"))
     need(p.ep >= 1, f"parallel.ep={p.ep} must be >= 1")
+    need(p.cp >= 1, f"parallel.cp={p.cp} must be >= 1")
     need(p.dp_replicate >= 1, f"parallel.dp_replicate={p.dp_replicate} must be >= 1")
     phases = resolve_phases(cfg, model_args(cfg), data_args(cfg))  # ModelArgs, DataArgs and every phase
+    for phase in phases:
+        need(phase.seq_len % (2 * p.cp) == 0,
+             f"seq_len {phase.seq_len} (phase {phase.name}) must be a multiple of 2 x parallel.cp = {2 * p.cp}: "
+             "each context-parallel rank holds two equal pieces of every row; change the seq_len or parallel.cp")
     need(cfg.checkpoint.interval >= 0, f"checkpoint.interval={cfg.checkpoint.interval} must be >= 0")
     need(cfg.checkpoint.keep >= 1, f"checkpoint.keep={cfg.checkpoint.keep} must be >= 1")
     need(cfg.logging.interval >= 1, f"logging.interval={cfg.logging.interval} must be >= 1")

@@ -28,6 +28,7 @@ from omegaconf import OmegaConf
 from model import Transformer
 from model.params import count_parameters
 from parallel import build_mesh, clip_grad_norm_, init_distributed, mesh_shape
+from parallel.context import ContextParallel, shard_batch
 
 from .balance import expert_metrics, moe_layers, update_expert_bias
 from .build import build_parallel_model
@@ -56,10 +57,13 @@ class Trainer:
         self.args = model_args(cfg)
         # The layout is checked before the process group exists, so that its error is a config
         # error (the same on every rank), not one per rank.
-        mesh_shape(int(os.environ.get("WORLD_SIZE", "1")), p.dp_shard, p.dp_replicate, p.ep, self.args.n_experts)
+        mesh_shape(int(os.environ.get("WORLD_SIZE", "1")), p.dp_shard, p.dp_replicate, p.ep, self.args.n_experts,
+                   p.cp)
         self.env = init_distributed(t.device, p.backend, p.timeout_s)
         check_ranks_agree(self.env, cfg)
-        self.meshes = build_mesh(self.env, p.dp_shard, p.dp_replicate, p.ep, self.args.n_experts)
+        self.meshes = build_mesh(self.env, p.dp_shard, p.dp_replicate, p.ep, self.args.n_experts, p.cp)
+        # Context parallelism: cp consecutive ranks load the same rows and each keeps its part.
+        self.cp = ContextParallel.from_mesh(self.meshes.cp) if p.cp > 1 else None
         self.run_dir = cfg.run.dir
         if self.env.is_main:
             os.makedirs(self.run_dir, exist_ok=True)
@@ -101,8 +105,9 @@ class Trainer:
         # A rank whose data source produces nothing for this long says so, before the other
         # ranks' collectives time out waiting for it.
         stall_s = max(30.0, self.cfg.parallel.timeout_s / 2)
-        return build_data(phase.data, phase.model, phase.seq_len, phase.batch_size, self.env.rank,
-                          self.env.world_size, phase.data_seed, stall_s)
+        cp = self.cfg.parallel.cp  # the ranks of a context-parallel group read the same rows
+        return build_data(phase.data, phase.model, phase.seq_len, phase.batch_size, self.env.rank // cp,
+                          self.env.world_size // cp, phase.data_seed, stall_s)
 
     def enter_phase(self, phase: Phase) -> None:
         """Switch to `phase` at a step boundary: its data stream (from its own seed), its RoPE
@@ -236,6 +241,8 @@ class Trainer:
         if self.batches is None:
             self.batches = iter(self.state.data)
         micro = self.faults.batches([next(self.batches) for _ in range(self.phase.grad_accum)], step)
+        if self.cp is not None:
+            micro = [shard_batch(b, self.cp, self.phase.model, self.env.device) for b in micro]
         with failure_context("counting targets (all-reduce)", self.env.rank, step):
             n_targets = self.env.all_reduce(count_targets(micro))
         if n_targets.item() == 0:

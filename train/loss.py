@@ -40,7 +40,9 @@ def model_inputs(batch: dict, device: torch.device, args: ModelArgs) -> dict:
     """The model's keyword arguments for a batch, on the device. A model with a vision encoder
     always gets `images` (an empty [0, 3, H, W] when the batch has none), so that every rank runs
     the encoder every step and FSDP's collectives and the optimizer state stay uniform."""
-    inputs = {k: batch[k].to(device) for k in ("tokens", "positions", "doc_ids") if k in batch}
+    inputs = {k: batch[k].to(device) for k in ("tokens", "positions", "doc_ids", "image_rows") if k in batch}
+    if "layout" in batch:  # context parallelism: the rank's part of each row attends through it
+        inputs["layout"] = batch["layout"]
     if args.vision.enabled:
         size = args.vision.image_size
         inputs["images"] = batch.get("images", torch.empty(0, 3, size, size)).to(device)
