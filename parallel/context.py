@@ -189,6 +189,7 @@ class ContextParallelLayout:
                              plan_exchange(chunk_keys(positions, doc_ids, chunk_size), order, rank, lower_right,
                                            device))
 
+    @torch.compiler.disable  # data-dependent shapes and a collective: eager inside a compiled block
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunked: bool) -> torch.Tensor:
         """q [B, T_local, H, D], k/v [B, T_local, Hkv, D] -> [B, T_local, H, D]."""
         plan = self.chunked_plan if chunked else self.global_plan

@@ -94,7 +94,8 @@ class Trainer:
         if self.env.is_main:
             log.info(f"model: {sum(n for n, _ in counts.values()) / 1e6:,.1f}M parameters, "
                      f"{sum(a for _, a in counts.values()) / 1e6:,.1f}M active; {self.env.world_size} rank(s) on "
-                     f"{self.env.device.type}")
+                     f"{self.env.device.type}"
+                     + (f" in context-parallel groups of {self.cp.size}" if self.cp is not None else ""))
         self.rows: list[dict] = []
         self.skipped_in_row = {"nonfinite": 0, "no_targets": 0}  # steps not taken, in a row, by reason
         self.saved_step: int | None = None  # the step of the newest checkpoint this attempt wrote or loaded
@@ -122,8 +123,13 @@ class Trainer:
         self.flops_per_token = flops_per_token(phase.model, phase.seq_len, self.active_params)
         if self.env.is_main:
             log.info(f"phase {phase.name} ({phase.index + 1} of {len(self.phases)}): steps {phase.start + 1}-"
-                     f"{phase.end}, seq_len {phase.seq_len}, batch {phase.batch_size} x {phase.grad_accum} per rank, "
+                     f"{phase.end}, seq_len {phase.seq_len}, batch {phase.batch_size} x {phase.grad_accum} per "
+                     f"{self.batch_owner()}, "
                      f"lr {phase.lr:g}")
+
+    def batch_owner(self) -> str:
+        """Who reads a batch of its own: a rank, or a context-parallel group."""
+        return f"context-parallel group of {self.cp.size} ranks" if self.cp is not None else "rank"
 
     def close_batches(self) -> None:
         close = getattr(self.batches, "close", None)

@@ -49,6 +49,22 @@ def test_torchrun_two_ranks_trains_and_resumes(tmp_path):
     assert "resumed from" in out.stdout + out.stderr
 
 
+def test_torchrun_phase_preset_with_context_parallelism(tmp_path):
+    """The CPU phase preset (256 tokens, then a long phase) on 2 ranks that share every row
+    (parallel.cp=2), shortened: the switch happens, the long phase trains, both checkpoint."""
+    run_dir = tmp_path / "run"
+    out = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+               f"--master_port={free_port()}", "launch/pretrain.py", "+model=tiny", "+phase=tiny_long",
+               "parallel.cp=2", "train.steps=5", "phases.0.steps=3", "phases.1.seq_len=1024", f"run.dir={run_dir}"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    assert all(r["loss"] == r["loss"] and r["loss"] < 9 for r in rows)
+    console = out.stdout + out.stderr
+    assert "phase long (2 of 2): steps 4-5, seq_len 1024" in console and "context-parallel groups of 2" in console
+    assert sorted(os.listdir(run_dir / "checkpoints")) == ["step-00000003", "step-00000005"]
+
+
 def test_training_goes_on_over_corrupt_shards(tmp_path):
     """Real shards plus a truncated copy of one, a corrupt image and a file that is no tar: the
     run trains, and metrics.jsonl counts what it skipped."""
