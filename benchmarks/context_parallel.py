@@ -25,6 +25,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -98,8 +99,8 @@ def balance(T: int, cps: list[int]) -> None:
 # ---------------------------------------------------------------- measured, tiny model
 
 
-def worker(seq_len: int) -> None:
-    """One step of the tiny model on this process's part of a packed row; prints JSON."""
+def worker(seq_len: int, out_dir: str) -> None:
+    """One step of the tiny model on this process's part of a packed row; writes RANK.json."""
     from omegaconf import OmegaConf
 
     from model import ModelArgs, Transformer
@@ -135,17 +136,19 @@ def worker(seq_len: int) -> None:
     torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100,
                                       reduction="sum").backward()
     seconds = time.perf_counter() - start
-    print(json.dumps({"rank": int(os.environ.get("RANK", "0")), "world": world,
-                      "peak_mib": (status_kib("VmHWM") - base) / 1024, "seconds": seconds}), flush=True)
+    rank = int(os.environ.get("RANK", "0"))
+    Path(out_dir, f"{world}-{rank}.json").write_text(json.dumps(
+        {"rank": rank, "world": world, "peak_mib": (status_kib("VmHWM") - base) / 1024, "seconds": seconds}))
 
 
 def measure(seq_len: int) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    me = [os.path.abspath(__file__), "--worker", str(seq_len)]
-    one = subprocess.run([sys.executable, *me], env=env, capture_output=True, text=True, check=True, cwd=ROOT)
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", *me], env=env,
-                         capture_output=True, text=True, check=True, cwd=ROOT)
-    rows = [json.loads(line) for out in (one, two) for line in out.stdout.splitlines() if line.startswith("{")]
+    with tempfile.TemporaryDirectory() as out:
+        me = [os.path.abspath(__file__), "--worker", str(seq_len), "--out", out]
+        subprocess.run([sys.executable, *me], env=env, capture_output=True, check=True, cwd=ROOT)
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", *me], env=env,
+                       capture_output=True, check=True, cwd=ROOT)
+        rows = [json.loads(p.read_text()) for p in Path(out).glob("*.json")]
     print(f"\ntiny model, one training step on a packed row of {seq_len} tokens (1 thread per process)")
     print(f"{'layout':>10} {'rank':>4} | {'step peak MiB':>13} {'seconds':>8}")
     for r in sorted(rows, key=lambda r: (r["world"], r["rank"])):
@@ -158,9 +161,10 @@ def main() -> None:
     parser.add_argument("--cp", default="2,4,8", help="context-parallel sizes, comma-separated")
     parser.add_argument("--measure", type=int, help="also measure the tiny model at this seq_len")
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
     a = parser.parse_args()
     if a.worker:
-        return worker(a.worker)
+        return worker(a.worker, a.out)
     cps = [int(c) for c in a.cp.split(",")]
     lengths = [int(n) for n in a.lengths.split(",")]
     communication(lengths, cps)
