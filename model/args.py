@@ -82,6 +82,18 @@ class VisionArgs:
 
 
 @dataclass
+class MetaPBase:
+    """The shapes MetaP's multipliers are relative to (train/metap.py): a proxy's, on which the
+    learning rate was tuned. None: the model's own value (multiplier 1)."""
+
+    dim: int | None = None
+    n_layers: int | None = None
+    n_heads: int | None = None  # attention width is n_heads x head_dim; head_dim is the model's
+    ffn_hidden: int | None = None
+    expert_hidden: int | None = None
+
+
+@dataclass
 class ModelArgs:
     # Sizes
     vocab_size: int = 202048
@@ -123,6 +135,12 @@ class ModelArgs:
 
     # Initialisation
     init_std: float = 0.02
+    # MetaP (train/metap.py, optim.metap=true): the base shapes, and the two forward multipliers
+    # it derives from them: residual branches x residual_multiplier (depth), logits x
+    # logit_multiplier (width). 1.0 is the standard parametrisation; export folds them into the weights.
+    metap_base: MetaPBase = field(default_factory=MetaPBase)
+    residual_multiplier: float = 1.0
+    logit_multiplier: float = 1.0
 
     # Vision (early fusion): the encoder's outputs replace the <|patch|> token embeddings
     vision: VisionArgs = field(default_factory=VisionArgs)  # vision.enabled=false: a text-only model
@@ -134,6 +152,8 @@ class ModelArgs:
         # ModelArgs(**OmegaConf.to_container(cfg)) and ModelArgs(**json) hand the nested config in as a dict.
         if isinstance(self.vision, dict):
             self.vision = VisionArgs(**self.vision)
+        if isinstance(self.metap_base, dict):
+            self.metap_base = MetaPBase(**self.metap_base)
 
     @property
     def aux_loss_weight(self) -> float:
@@ -192,6 +212,10 @@ class ModelArgs:
                 f"rope_high_freq_factor={self.rope_high_freq_factor} must be >= rope_low_freq_factor={self.rope_low_freq_factor}",
             )
         need(self.norm_eps > 0, f"norm_eps={self.norm_eps} must be positive")
+        for name in ("residual_multiplier", "logit_multiplier"):
+            need(getattr(self, name) > 0, f"{name}={getattr(self, name)} must be positive")
+        for name, value in vars(self.metap_base).items():
+            need(value is None or value > 0, f"metap_base.{name}={value} must be positive or null")
         need(self.router_aux_loss_coef >= 0 and self.router_z_loss_coef >= 0, "router loss coefficients must be >= 0")
         need(self.load_balance in ("aux_loss", "aux_free", "none"),
              f"load_balance={self.load_balance!r} is not one of aux_loss, aux_free, none")

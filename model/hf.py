@@ -105,10 +105,34 @@ def state_dict_from_hf(hf: dict[str, torch.Tensor], args: ModelArgs) -> dict[str
     return out
 
 
+_RESIDUAL_OUTPUTS = re.compile(r"layers\.\d+\.(attention\.wo\.weight|feed_forward\.(w2\.weight|experts\.w2|"
+                               r"shared_expert\.w2\.weight))$")
+
+
+def fold_multipliers(sd: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
+    """MetaP's forward multipliers folded into the weights they follow: each residual branch ends
+    in a linear map (attention wo, the dense or expert and shared-expert w2), the logits in the
+    output head, so the folded weights compute the same function with multipliers 1."""
+    r, c = args.residual_multiplier, args.logit_multiplier
+    if r == 1.0 and c == 1.0:
+        return sd
+    if c != 1.0 and args.tie_embeddings:
+        raise ValueError(f"logit_multiplier={c} cannot be folded into an output head tied to the embeddings")
+    out = dict(sd)
+    for name, t in sd.items():
+        if r != 1.0 and _RESIDUAL_OUTPUTS.search(name):
+            out[name] = t * r
+        elif c != 1.0 and name == "output.weight":
+            out[name] = t * c
+    return out
+
+
 def state_dict_to_hf(sd: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
     """herd names -> HF Llama4ForCausalLM names, or Llama4ForConditionalGeneration names (text
-    under `language_model.`) when the model has a vision encoder."""
+    under `language_model.`) when the model has a vision encoder. MetaP's multipliers are folded
+    into the weights (`fold_multipliers`): Hugging Face's model has none."""
     check_hf_text_layout(args)
+    sd = fold_multipliers(sd, args)
     out: dict[str, torch.Tensor] = {}
     gate_up: dict[str, dict[str, torch.Tensor]] = {}
     vision = {k.removeprefix("vision."): v for k, v in sd.items() if k.startswith("vision.")}

@@ -17,7 +17,8 @@ from .vision import VisionEncoder, scatter_image_features
 
 class Block(nn.Module):
     """Pre-norm residual block: h + attention(norm(h)), then h + ffn(norm(h)), where ffn is a
-    dense SwiGLU or an MoE layer."""
+    dense SwiGLU or an MoE layer. Under MetaP each branch is scaled by residual_multiplier
+    (CompleteP's 1 / depth multiplier); it is 1 otherwise."""
 
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
@@ -27,14 +28,18 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.is_moe = args.is_moe_layer(layer)
         self.feed_forward = MoE(args) if self.is_moe else FeedForward(args.dim, args.ffn_hidden)
+        self.residual_multiplier = args.residual_multiplier
+
+    def branch(self, out: torch.Tensor) -> torch.Tensor:
+        return out if self.residual_multiplier == 1.0 else out * self.residual_multiplier
 
     def forward(self, h, rope, positions, layout: AttentionLayout):
         """Returns (h, router losses [2] or None, tokens per expert [E] or None)."""
-        h = h + self.attention(self.attention_norm(h), rope, positions, layout)
+        h = h + self.branch(self.attention(self.attention_norm(h), rope, positions, layout))
         if self.is_moe:
             out, losses, counts = self.feed_forward(self.ffn_norm(h))
-            return h + out, losses, counts
-        return h + self.feed_forward(self.ffn_norm(h)), None, None
+            return h + self.branch(out), losses, counts
+        return h + self.branch(self.feed_forward(self.ffn_norm(h))), None, None
 
 
 class Transformer(nn.Module):
@@ -103,6 +108,8 @@ class Transformer(nn.Module):
                 losses.append(layer_losses)
                 counts.append(layer_counts)
         logits = self.output(self.norm(h))
+        if self.args.logit_multiplier != 1.0:  # MetaP's readout multiplier
+            logits = logits * self.args.logit_multiplier
         if not return_router_stats:
             return logits
         if losses:

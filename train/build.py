@@ -12,36 +12,46 @@ import torch
 from model import ModelArgs, Transformer
 from parallel import Distributed, Meshes, parallelize_model
 
+from . import metap
+
 # Build the model on the meta device and initialise its shards in place when it would not fit
 # comfortably in host memory on every rank; small models are built whole so that any layout
 # starts from bitwise the same weights.
 FULL_INIT_MAX_PARAMS = 2_000_000_000
 
 
-def build_model(args: ModelArgs, seed: int) -> Transformer:
-    """The model with initialised weights on the CPU, or on the meta device when it is large."""
+def build_model(args: ModelArgs, seed: int, use_metap: bool = False) -> Transformer:
+    """The model with initialised weights on the CPU, or on the meta device when it is large.
+    `use_metap`: MetaP's init scales (train/metap.py)."""
     with torch.device("meta"):
         model = Transformer(args)
     n_params = sum(p.numel() for p in model.parameters())
     torch.manual_seed(seed)
     if n_params <= FULL_INIT_MAX_PARAMS:
         model = Transformer(args)
-        model.init_weights()
+        init_weights(model, args, use_metap)
     return model
 
 
-def build_parallel_model(args: ModelArgs, seed: int, parallel, env: Distributed, meshes: Meshes | None) -> Transformer:
+def init_weights(model: Transformer, args: ModelArgs, use_metap: bool) -> None:
+    model.init_weights()
+    if use_metap:
+        metap.init_weights(model, args)
+
+
+def build_parallel_model(args: ModelArgs, seed: int, parallel, env: Distributed, meshes: Meshes | None,
+                         use_metap: bool = False) -> Transformer:
     """`build_model`, then parallel/'s wrapping (`parallel` is the config's parallel group), then
     the weights on the training device: moved there, or initialised shard by shard when the
     model was built on the meta device."""
-    model = build_model(args, seed)
+    model = build_model(args, seed, use_metap)
     meta = next(model.parameters()).is_meta
     model = parallelize_model(model, meshes, param_dtype=parallel.param_dtype, reduce_dtype=parallel.reduce_dtype,
                               activation_checkpointing=parallel.activation_checkpointing, compile=parallel.compile,
                               device_type=env.device.type)
     if meta:
         model.to_empty(device=env.device)
-        model.init_weights()
+        init_weights(model, args, use_metap)
     else:
         model.to(env.device)
     return model

@@ -12,6 +12,8 @@ from omegaconf import MISSING, OmegaConf
 from data.args import DataArgs
 from model import ModelArgs
 
+from . import metap
+
 from .phases import Phase, PhaseConfig, resolve_phases
 
 # dtypes are spelled as torch spells them; the short names are accepted on input.
@@ -60,6 +62,9 @@ class OptimConfig:
     warmup_steps: int = 20
     decay_fraction: float = 0.2  # warmup-stable-decay: the last 20% of steps decay linearly
     min_lr_ratio: float = 0.0  # lr at the end of decay, as a fraction of lr
+    # MetaP (train/metap.py): per-parameter init and LR/wd/eps multipliers relative to
+    # model.metap_base, so an lr tuned on a proxy transfers; false: the standard parametrisation
+    metap: bool = False
 
 
 @dataclass
@@ -213,8 +218,12 @@ def config_for_disk(cfg) -> dict:
 
 
 def model_args(cfg) -> ModelArgs:
-    """The validated ModelArgs of a composed config."""
-    return ModelArgs(**OmegaConf.to_container(cfg.model, resolve=True)).validate()
+    """The validated ModelArgs of a composed config (with MetaP's forward multipliers when
+    optim.metap is on)."""
+    args = ModelArgs(**OmegaConf.to_container(cfg.model, resolve=True))
+    if cfg.optim.metap:
+        args = metap.with_multipliers(args)
+    return args.validate()
 
 
 def data_args(cfg) -> DataArgs:

@@ -73,8 +73,8 @@ class Trainer:
             check_sources(phase.data)
         data = self.build_phase_data(self.phase)
         # The first phase's model: the run's, with the RoPE settings the phase may change.
-        self.model = build_parallel_model(self.phase.model, t.seed, p, self.env, self.meshes)
-        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.model = build_parallel_model(self.phase.model, t.seed, p, self.env, self.meshes, cfg.optim.metap)
+        self.optimizer = build_optimizer(self.model, cfg.optim, self.phase.model)
         scheduler = build_scheduler(self.optimizer, t.steps, cfg.optim, self.phases)
         self.state = TrainState(scheduler, data, self.env.rank)
         self.faults = FaultInjector(t.faults, self.env.rank)

@@ -4,16 +4,25 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from model import ModelArgs
+
+from . import metap
 from .config import OptimConfig
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    """Weight decay on matrices only; norms (1-D) are not decayed."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def build_optimizer(model: nn.Module, cfg: OptimConfig, args: ModelArgs | None = None) -> torch.optim.AdamW:
+    """Weight decay on matrices only; norms (1-D) are not decayed. With optim.metap (and the
+    model's `args`), one group per set of MetaP multipliers (train/metap.py)."""
+    if cfg.metap:
+        if args is None:
+            raise ValueError("optim.metap=true: build_optimizer needs the model's ModelArgs")
+        groups = metap.param_groups(model, args, cfg.lr, cfg.weight_decay, cfg.eps)
+    else:
+        decay, no_decay = [], []
+        for p in model.parameters():
+            if p.requires_grad:
+                (decay if p.dim() >= 2 else no_decay).append(p)
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=True)
 
 
