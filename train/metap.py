@@ -136,3 +136,38 @@ def param_groups(model: nn.Module, args: ModelArgs, lr: float, weight_decay: flo
     keys = sorted(groups, key=lambda k: (k[0] != 1.0, k))
     return [{"params": groups[k], "lr": lr * k[0], "weight_decay": weight_decay * k[1], "eps": eps * k[2],
              "lr_multiplier": k[0]} for k in keys]
+
+
+# ---------------------------------------------------------------- beyond width
+
+
+@dataclass(frozen=True)
+class Transfer:
+    lr: float
+    weight_decay: float
+
+
+def transfer(lr: float, weight_decay: float, *, proxy_batch_tokens: int, proxy_tokens: int, batch_tokens: int,
+             tokens: int, horizon_exponent: float = 0.0) -> Transfer:
+    """Carry AdamW's lr and weight decay, tuned on a proxy run, to a run with another global batch
+    (tokens per optimizer step) and horizon (tokens in all); width and depth are MetaP's part.
+
+    - Batch: lr x sqrt(batch ratio), the square-root rule for Adam (Malladi et al., "On the SDEs
+      and scaling rules for adaptive gradient algorithms", NeurIPS 2022); it holds below the
+      critical batch size, not beyond it.
+    - Horizon: lr x (token ratio)^-horizon_exponent, the power law of Bjorck et al. ("Scaling
+      optimal LR across token horizons", ICLR 2025), whose exponent depends on the model and data:
+      fit it from proxy sweeps at two horizons (launch/sweep_report.py); 0 leaves lr alone.
+    - Weight decay: the AdamW timescale tau = batch / (lr x wd x tokens), a fraction of the run,
+      held constant (Wang and Aitchison, arXiv 2505.13738), given the transferred lr."""
+    for name, value in (("lr", lr), ("proxy_batch_tokens", proxy_batch_tokens), ("proxy_tokens", proxy_tokens),
+                        ("batch_tokens", batch_tokens), ("tokens", tokens)):
+        if value <= 0:
+            raise ValueError(f"{name}={value} must be positive")
+    if weight_decay < 0:
+        raise ValueError(f"weight_decay={weight_decay} must be >= 0")
+    batch, horizon = batch_tokens / proxy_batch_tokens, tokens / proxy_tokens
+    new_lr = lr * math.sqrt(batch) * horizon ** -horizon_exponent
+    # tau = B / (lr * wd * D) kept: wd' = wd * (lr / lr') * (B' / B) * (D / D').
+    new_wd = weight_decay * (lr / new_lr) * batch / horizon
+    return Transfer(new_lr, new_wd)

@@ -142,3 +142,31 @@ def test_metap_two_ranks_train_like_one_process(tmp_path):
         assert two[0] == two[1]
         for step, (a, b) in enumerate(zip(one, two[0])):
             assert b == pytest.approx(a, rel=1e-5), (step, extra)
+
+
+def test_transfer_across_batch_and_horizon():
+    from train.metap import transfer
+
+    same = transfer(3e-3, 0.1, proxy_batch_tokens=1024, proxy_tokens=10**6, batch_tokens=1024, tokens=10**6)
+    assert (same.lr, same.weight_decay) == pytest.approx((3e-3, 0.1))
+    t = transfer(3e-3, 0.1, proxy_batch_tokens=1024, proxy_tokens=10**6, batch_tokens=4096, tokens=8 * 10**6,
+                 horizon_exponent=0.5)
+    assert t.lr == pytest.approx(3e-3 * 2 / math.sqrt(8))
+    # the AdamW timescale, as a fraction of the run, is unchanged
+    tau = lambda lr, wd, b, d: b / (lr * wd * d)  # noqa: E731
+    assert tau(t.lr, t.weight_decay, 4096, 8 * 10**6) == pytest.approx(tau(3e-3, 0.1, 1024, 10**6))
+    with pytest.raises(ValueError, match="batch_tokens=0 must be positive"):
+        transfer(3e-3, 0.1, proxy_batch_tokens=1024, proxy_tokens=10**6, batch_tokens=0, tokens=10**6)
+
+
+def test_proxies_keep_their_presets_pattern_and_are_their_base():
+    from train.metap import width_ratios
+
+    for preset, ratio in (("scout", 8), ("maverick", 8), ("behemoth", 16)):
+        big, proxy = _args([f"+model={preset}", "optim.metap=true"]), _args([f"+model={preset}_proxy", "optim.metap=true"])
+        for field in ("interleave_moe_layer_step", "nope_layer_interval", "attention_chunk_size", "use_qk_norm", "top_k",
+                      "shared_expert", "head_dim", "attn_temperature_tuning"):
+            assert getattr(big, field) == getattr(proxy, field), (preset, field)
+        assert [big.is_nope_layer(i) for i in range(8)] == [proxy.is_nope_layer(i) for i in range(8)]
+        assert set(width_ratios(big).values()) == {ratio} and set(width_ratios(proxy).values()) == {1.0}
+        assert (big.metap_base.dim, big.metap_base.n_layers) == (proxy.dim, proxy.n_layers)
