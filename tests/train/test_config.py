@@ -69,7 +69,8 @@ def _choices(overrides) -> set[str]:
 
 
 def test_hydra_lists_only_real_choices():
-    assert _choices(["+model=gigantic"]) == {"tiny", "scout", "maverick", "behemoth"}
+    assert _choices(["+model=gigantic"]) == {"tiny", "scout", "maverick", "behemoth", "scout_proxy", "maverick_proxy",
+                                             "behemoth_proxy"}
     assert _choices(["+model=tiny", "data=nothing"]) == {"sample", "text", "mixture"}
 
 
