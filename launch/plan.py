@@ -1,6 +1,9 @@
-"""Build a model preset on the meta device and print its parameters per component.
+"""Build a model preset on the meta device and print its parameters per component; with
+plan.gpus=N, also what each of N GPUs would hold (train/memory.py's estimate) for the layout the
+overrides give, and whether it fits.
 
     python launch/plan.py +model=scout [model.FIELD=VALUE ...]
+    python launch/plan.py +model=scout plan.gpus=64 plan.gpu=h100 parallel.activation_checkpointing=true
 
 Takes the same Hydra overrides as launch/pretrain.py and builds nothing but meta tensors.
 """
@@ -20,7 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from model import ModelArgs, Transformer  # noqa: E402
 from model.params import count_parameters  # noqa: E402
-from train.config import model_args, register_configs  # noqa: E402
+from train.config import model_args, register_configs, validate  # noqa: E402
+from train.memory import GPUS, estimate_memory, fsdp_ranks_needed, gib, layout_of  # noqa: E402
 
 register_configs()
 
@@ -44,6 +48,46 @@ def plan(args: ModelArgs) -> dict:
     return {"total": total, "active": active, "components": counts}
 
 
+def plan_cluster(cfg) -> bool:
+    """Print the per-GPU estimate of this config on plan.gpus GPUs of kind plan.gpu; True if it fits."""
+    if cfg.plan.gpu not in GPUS:
+        raise ValueError(f"plan.gpu={cfg.plan.gpu!r} is not one of {', '.join(GPUS)}")
+    if cfg.plan.gpus < 1:
+        raise ValueError(f"plan.gpus={cfg.plan.gpus} must be positive")
+    phases = validate(cfg)
+    size, fits = GPUS[cfg.plan.gpu], True
+    for phase in phases:
+        layout = layout_of(cfg, cfg.plan.gpus, "cuda", phase)
+        estimate = estimate_memory(phase.model, layout, "cuda")
+        print(f"\n{cfg.plan.gpus} x {cfg.plan.gpu} ({gib(size)} each), phase {phase.name}: seq_len {phase.seq_len}, "
+              f"batch {layout.batch_size}, FSDP over {layout.dp_shard}, ep {layout.ep}, cp {layout.cp}, "
+              f"activation checkpointing {'on' if layout.activation_checkpointing else 'off'}")
+        print(estimate.table())
+        if estimate.total > size:
+            fits = False
+            print(f"  does not fit; the largest parts: {', '.join(advice(estimate, layout, size, phase.model))}")
+        else:
+            print(f"  fits, {gib(size - estimate.total)} to spare")
+    return fits
+
+
+def advice(estimate, layout, size: int, args: ModelArgs) -> list[str]:
+    """What to change, largest part first."""
+    parts = {"sharded": estimate.sharded_state, "gathered": estimate.gathered_weights,
+             "activations": estimate.activations + estimate.logits}
+    out = []
+    for part in sorted(parts, key=parts.get, reverse=True):
+        if part == "sharded" and (needed := fsdp_ranks_needed(estimate, layout, size)):
+            out.append(f"the sharded state needs at least {needed} GPUs")
+        elif part == "gathered" and args.n_experts > layout.ep:
+            out.append(f"a gathered MoE block ({gib(estimate.gathered_weights)} in flight): raise parallel.ep "
+                       f"(now {layout.ep}) so experts are gathered among fewer ranks")
+        elif part == "activations" and parts[part] > size / 4:
+            out.append(("" if layout.activation_checkpointing else "parallel.activation_checkpointing=true, ")
+                       + "parallel.cp, or a smaller train.batch_size / seq_len for the activations")
+    return out or ["more GPUs"]
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
@@ -57,6 +101,8 @@ def main(argv: list[str]) -> None:
         if OmegaConf.is_missing(cfg, "model"):
             raise SystemExit("choose a model preset: python launch/plan.py +model=tiny|scout|maverick|behemoth")
         plan(model_args(cfg))
+        if cfg.plan.gpus:
+            plan_cluster(cfg)
     except (HydraException, OmegaConfBaseException, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
 

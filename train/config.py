@@ -37,6 +37,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # autocast dtype: auto (bfloat16 on CUDA, none on CPU) | float32 | bfloat16
     max_nonfinite_in_row: int = 3  # skip a step with a non-finite loss or grad norm; stop after this many in a row
+    preflight: bool = True  # refuse, before building anything, a run whose memory estimate exceeds a rank's device
     faults: "FaultsConfig" = field(default_factory=lambda: FaultsConfig())
 
 
@@ -113,6 +114,14 @@ class LoggingConfig:
 
 
 @dataclass
+class PlanConfig:
+    """launch/plan.py only: the cluster to plan for."""
+
+    gpus: int = 0  # plan the run for this many GPUs (0: count parameters only)
+    gpu: str = "h100"  # h100 | h200 | b200: the memory per GPU (train/memory.py GPUS)
+
+
+@dataclass
 class PretrainConfig:
     model: ModelArgs = MISSING  # choose a preset: +model=tiny | scout | maverick | behemoth
     run: RunConfig = field(default_factory=RunConfig)
@@ -123,6 +132,7 @@ class PretrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     phases: list[PhaseConfig] = field(default_factory=list)  # none: one phase of train.* (train/phases.py)
+    plan: PlanConfig = field(default_factory=PlanConfig)
 
 
 def _preset_name() -> str:
@@ -135,6 +145,15 @@ def _preset_name() -> str:
     return HydraConfig.get().runtime.choices.get("model") or "herd"
 
 
+def _muldiv(value: int, num: int, den: int = 1) -> int:
+    """`${herd_muldiv:${model.dim},3,2}` = dim x 3 / 2, for shapes derived from a swept width
+    (configs/experiment/metap_width.yaml); a result that is not whole is an error, not a rounding."""
+    if (value * num) % den:
+        raise ValueError(f"herd_muldiv: {value} x {num} / {den} is not a whole number; choose a value "
+                         f"whose multiple by {num} divides by {den}")
+    return value * num // den
+
+
 def register_configs() -> None:
     """The primary schema types every group (`model: ModelArgs`, `data: DataArgs`, ...), so the
     group files need no schema of their own and Hydra lists only real choices in its errors."""
@@ -143,6 +162,8 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="pretrain_schema", node=PretrainConfig)
     if not OmegaConf.has_resolver("herd_preset"):
         OmegaConf.register_new_resolver("herd_preset", _preset_name)
+    if not OmegaConf.has_resolver("herd_muldiv"):
+        OmegaConf.register_new_resolver("herd_muldiv", _muldiv)
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:

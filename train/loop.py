@@ -38,6 +38,7 @@ from .config import config_for_disk, data_args, model_args, validate
 from .data import build_data, check_sources
 from .faults import FaultInjector, StopRequest, failure_context, requeue_slurm_job
 from .loss import bucket_names, compute_loss, count_targets
+from .memory import preflight
 from .metrics import MetricsWriter, flops_per_token, format_duration, peak_flops
 from .optim import build_optimizer, build_scheduler
 from .phases import Phase, phase_at
@@ -57,8 +58,11 @@ class Trainer:
         self.args = model_args(cfg)
         # The layout is checked before the process group exists, so that its error is a config
         # error (the same on every rank), not one per rank.
-        mesh_shape(int(os.environ.get("WORLD_SIZE", "1")), p.dp_shard, p.dp_replicate, p.ep, self.args.n_experts,
-                   p.cp)
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        mesh_shape(world_size, p.dp_shard, p.dp_replicate, p.ep, self.args.n_experts, p.cp)
+        if t.preflight:  # a run that cannot fit stops here, in seconds, with the estimate
+            device = t.device if t.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+            preflight(cfg, self.phases, world_size, device)
         self.env = init_distributed(t.device, p.backend, p.timeout_s)
         check_ranks_agree(self.env, cfg)
         self.meshes = build_mesh(self.env, p.dp_shard, p.dp_replicate, p.ep, self.args.n_experts, p.cp)

@@ -1,0 +1,93 @@
+"""The memory estimate (train/memory.py) against what real runs hold, and the pre-flight check:
+Scout on this CPU host stops in seconds with the estimate instead of being OOM-killed."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tests.helpers import ROOT, compose, run_ranks
+
+
+def _args(overrides):
+    from train.config import model_args
+
+    return model_args(compose(overrides))
+
+
+def _sharded_state_on_ranks(overrides):
+    """Bytes of this rank's parameter shards, gradients and AdamW moments after one step."""
+    from parallel import build_mesh, init_distributed
+    from train.build import build_parallel_model
+    from train.config import model_args
+    from train.optim import build_optimizer
+
+    cfg = compose(overrides)
+    args, p = model_args(cfg), cfg.parallel
+    env = init_distributed("cpu")
+    meshes = build_mesh(env, p.dp_shard, p.dp_replicate, p.ep, args.n_experts, p.cp)
+    model = build_parallel_model(args, 0, p, env, meshes)
+    opt = build_optimizer(model, cfg.optim, args)
+    tokens = torch.randint(0, args.vocab_size, (1, 64))
+    model(tokens).float().pow(2).mean().backward()
+    opt.step()
+    local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731
+    total = 0
+    for param in model.parameters():
+        total += local(param).numel() * 4 + local(param.grad).numel() * 4
+        total += sum(local(v).numel() * 4 for k, v in opt.state[param].items() if k != "step")
+    return total
+
+
+@pytest.mark.parametrize("extra", [[], ["parallel.ep=2"]], ids=["fsdp", "fsdp-ep"])
+def test_sharded_state_matches_two_real_ranks(extra):
+    from train.memory import Layout, estimate_memory
+
+    overrides = ["+model=tiny", "model.vision.enabled=false", *extra]
+    measured = run_ranks(_sharded_state_on_ranks, 2, overrides)
+    args = _args(overrides)
+    predicted = estimate_memory(args, Layout(2, 2, ep=2 if extra else 1, param_bytes=4), "cpu").sharded_state
+    for bytes_on_rank in measured:
+        assert abs(bytes_on_rank - predicted) <= 0.10 * predicted, (measured, predicted)
+
+
+def test_activation_estimate_matches_a_measured_step():
+    """One step of the tiny model on an 8192-token packed row (fp32, one process): the peak RSS
+    of the step against the estimate of activations and logits."""
+    from train.memory import Layout, estimate_memory
+
+    out = subprocess.run([sys.executable, "-m", "tests.model.long_step", "8192", "--docs", "8"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300, check=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    measured = json.loads(out.stdout.strip().splitlines()[-1])["step_peak_mib"] * 2**20
+    args = _args(["+model=tiny", "model.vision.enabled=false"])
+    e = estimate_memory(args, Layout(1, 1, seq_len=8192, param_bytes=4, activation_bytes=4), "cpu")
+    predicted = e.activations + e.logits
+    assert abs(measured - predicted) <= 0.25 * measured, (measured / 2**20, predicted / 2**20)
+
+
+def test_scout_on_a_cpu_host_stops_in_seconds_with_the_estimate(tmp_path):
+    start = time.monotonic()
+    out = subprocess.run([sys.executable, "launch/pretrain.py", "+model=scout", f"run.dir={tmp_path}/run"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert time.monotonic() - start < 30
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "this run needs about" in out.stderr and "108.64B parameters" in out.stderr
+    assert "train.preflight=false" in out.stderr and "x h100" in out.stderr
+    assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+def test_plan_reports_what_fits_on_a_cluster():
+    out = subprocess.run([sys.executable, "launch/plan.py", "+model=scout", "plan.gpus=64",
+                          "parallel.activation_checkpointing=true"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120, check=True)
+    assert "64 x h100" in out.stdout and "fits," in out.stdout
+    out = subprocess.run([sys.executable, "launch/plan.py", "+model=scout", "plan.gpus=8"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120, check=True)
+    assert "does not fit" in out.stdout and "GPUs" in out.stdout
+    bad = subprocess.run([sys.executable, "launch/plan.py", "+model=scout", "plan.gpus=8", "plan.gpu=a100"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "plan.gpu='a100'" in bad.stderr

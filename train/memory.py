@@ -1,0 +1,208 @@
+"""What one rank will hold, estimated from the config alone (no weights, no process group): the
+pre-flight check that stops a run which cannot fit before it builds anything, and the numbers
+launch/plan.py prints.
+
+Per rank, in bytes:
+- sharded state: every parameter's fp32 value, fp32 gradient and two fp32 AdamW moments (16
+  bytes), divided over the FSDP ranks (dp_shard; routed experts over ep x dp_shard_mod_ep, the
+  same count);
+- gathered weights: FSDP all-gathers a block's weights in parallel.param_dtype for its forward
+  and backward (two blocks in flight with prefetching), plus the block's unsharded fp32 gradient
+  before its reduce-scatter, and the root (embeddings, output head) stays gathered through the
+  step; routed experts are gathered within their ep group only;
+- activations saved for backward: a per-token, per-layer count of the tensors herd's layers keep
+  (module docstring of each layer; an estimate, not a trace), times the rank's tokens
+  (batch_size x seq_len / cp), plus the logits and their log-softmax over the vocabulary; with
+  activation checkpointing only each block's input is kept, and one block is recomputed at a time;
+- on a CPU host, models built whole (up to train.build.FULL_INIT_MAX_PARAMS) exist in full on
+  every rank while they are initialised.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from model import ModelArgs, Transformer
+
+GiB = 2**30
+
+
+@dataclass
+class Layout:
+    world_size: int
+    dp_shard: int  # FSDP ranks (world size / dp_replicate)
+    ep: int = 1
+    cp: int = 1
+    seq_len: int = 8192
+    batch_size: int = 1  # rows per micro-batch per rank (per cp group with cp > 1)
+    param_bytes: int = 2  # FSDP compute dtype: 2 for bfloat16, 4 for float32
+    activation_bytes: int = 2  # 2 under bfloat16 autocast, 4 in float32
+    activation_checkpointing: bool = False
+
+
+@dataclass
+class MemoryEstimate:
+    sharded_state: int  # fp32 params + grads + AdamW moments, this rank's shard
+    gathered_weights: int  # all-gathered blocks in flight, their unsharded grads, the root
+    activations: int  # saved for backward
+    logits: int
+    build: int  # CPU only: a model built whole before sharding
+    parameters: int  # all parameters of the model
+
+    @property
+    def total(self) -> int:
+        return max(self.sharded_state + self.gathered_weights + self.activations + self.logits, self.build)
+
+    def table(self) -> str:
+        rows = [("parameters, gradients, AdamW state (sharded)", self.sharded_state),
+                ("weights gathered by FSDP (in flight)", self.gathered_weights),
+                ("activations saved for backward", self.activations), ("logits and their gradient", self.logits),
+                ("peak per rank", self.total)]
+        return "\n".join(f"  {name:<48} {gib(value):>12}" for name, value in rows)
+
+
+def gib(n: float) -> str:
+    return f"{n / GiB:,.1f} GiB" if n >= GiB / 10 else f"{n / 2**20:,.1f} MiB"
+
+
+def _block_sizes(args: ModelArgs) -> tuple[int, int, int]:
+    """(largest block's dense parameters, largest block's routed-expert parameters, root parameters)."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    dense, experts = 0, 0
+    for block in model.layers.values():
+        d = sum(p.numel() for n, p in block.named_parameters() if ".experts." not in f".{n}")
+        e = sum(p.numel() for n, p in block.named_parameters() if ".experts." in f".{n}")
+        dense, experts = max(dense, d), max(experts, e)
+    root = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(("layers.", "vision.")))
+    return dense, experts, root
+
+
+def activation_elements_per_token(args: ModelArgs) -> int:
+    """Elements one token keeps for backward across all decoder layers (no checkpointing)."""
+    D, hd, H, Hkv = args.dim, args.head_size, args.n_heads, args.n_kv_heads
+    # norm input, q/k/v and their gathered copies for segment attention, the output, its gathered
+    # copy and wo's input
+    attention = 2 * D + 2 * (H + 2 * Hkv) * hd + 3 * H * hd
+    dense = 2 * D + 3 * args.ffn_hidden  # norm, w1 and w3 outputs, SwiGLU product
+    shared = 3 * args.expert_hidden if args.shared_expert else 0
+    moe = 2 * D + args.n_experts + args.top_k * (D + 3 * args.expert_hidden) + shared
+    return sum(attention + (moe if args.is_moe_layer(i) else dense) for i in range(args.n_layers))
+
+
+def estimate_memory(args: ModelArgs, layout: Layout, device_type: str = "cuda") -> MemoryEstimate:
+    from .build import FULL_INIT_MAX_PARAMS
+
+    with torch.device("meta"):
+        n_params = sum(p.numel() for p in Transformer(args).parameters())
+    sharded = 16 * n_params // layout.dp_shard
+    gathered = 0
+    if layout.world_size > 1:
+        dense, experts, root = _block_sizes(args)
+        block = dense + experts // layout.ep
+        gathered = 2 * block * layout.param_bytes + 4 * block + root * layout.param_bytes
+    tokens = layout.batch_size * layout.seq_len // layout.cp
+    per_token = activation_elements_per_token(args)
+    if layout.activation_checkpointing:
+        per_token = args.n_layers * args.dim + per_token // args.n_layers  # block inputs + one block recomputed
+    activations = tokens * per_token * layout.activation_bytes
+    # At the loss's backward: the logits, the loss's fp32 view and log-softmax, and two gradient
+    # buffers of the same size (log-softmax's and the logits').
+    logits = tokens * args.vocab_size * (layout.activation_bytes + 12)
+    build = 4 * n_params if device_type == "cpu" and n_params <= FULL_INIT_MAX_PARAMS else 0
+    return MemoryEstimate(sharded, gathered, activations, logits, build, n_params)
+
+
+def device_memory(device_type: str) -> tuple[int, str]:
+    """(bytes one rank may use, where the figure comes from) on this host."""
+    if device_type == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        free, total = torch.cuda.mem_get_info(local)
+        return total, f"{torch.cuda.get_device_name(local)}, {gib(total)}"
+    available = _meminfo("MemAvailable")
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return available // ranks, f"{gib(available)} available on this host / {ranks} local rank(s)"
+
+
+def _meminfo(field: str) -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62  # unknown: do not refuse
+
+
+def fsdp_ranks_needed(estimate: MemoryEstimate, layout: Layout, per_rank: int) -> int | None:
+    """The smallest FSDP size at which the sharded state plus what does not shrink fits, or None."""
+    fixed = estimate.total - estimate.sharded_state
+    if fixed >= per_rank:
+        return None
+    return -(-(estimate.sharded_state * layout.dp_shard) // (per_rank - fixed))
+
+
+# Memory per GPU from the datasheets (decimal gigabytes).
+GPUS = {"h100": 80 * 10**9, "h200": 141 * 10**9, "b200": 192 * 10**9}
+
+
+def layout_of(cfg, world_size: int, device_type: str, phase=None) -> Layout:
+    """The Layout a composed config runs with at this world size (its first phase by default)."""
+    from parallel import mesh_shape
+
+    p, t = cfg.parallel, cfg.train
+    args = model_args_of(cfg)
+    _, shard_mod_ep, ep = mesh_shape(world_size, p.dp_shard, p.dp_replicate, p.ep, args.n_experts, p.cp)
+    param_dtype = p.param_dtype if p.param_dtype != "auto" else ("bfloat16" if device_type == "cuda" else "float32")
+    bf16 = t.dtype == "bfloat16" or (t.dtype == "auto" and device_type == "cuda")
+    return Layout(world_size, shard_mod_ep * ep, ep, p.cp, phase.seq_len if phase else t.seq_len,
+                  phase.batch_size if phase else t.batch_size,
+                  (2 if param_dtype == "bfloat16" else 4) if world_size > 1 else 4, 2 if bf16 else 4,
+                  p.activation_checkpointing)
+
+
+def model_args_of(cfg) -> ModelArgs:
+    from .config import model_args
+
+    return model_args(cfg)
+
+
+def preflight(cfg, phases, world_size: int, device_type: str) -> None:
+    """Raise ValueError, with the estimate and what would fit, when a rank of this run cannot hold
+    what it needs on this host's devices. Runs on the config alone, in about a second."""
+    per_rank, where = device_memory(device_type)
+    worst = None
+    for phase in phases:
+        layout = layout_of(cfg, world_size, device_type, phase)
+        estimate = estimate_memory(phase.model, layout, device_type)
+        if worst is None or estimate.total > worst[1].total:
+            worst = (layout, estimate, phase)
+    layout, estimate, phase = worst
+    if estimate.total <= per_rank:
+        return
+    hints, best = [], (estimate, layout)
+    if not layout.activation_checkpointing:
+        checkpointed_layout = Layout(**{**vars(layout), "activation_checkpointing": True})
+        checkpointed = estimate_memory(phase.model, checkpointed_layout, device_type)
+        hints.append(f"parallel.activation_checkpointing=true (about {gib(checkpointed.total)} per rank)")
+        best = (checkpointed, checkpointed_layout)
+    needed = fsdp_ranks_needed(*best, per_rank)
+    if needed is not None and needed > layout.dp_shard:
+        hints.append(f"at least {needed} FSDP ranks of this memory for the sharded state")
+    for name, size in GPUS.items():
+        fit = fsdp_ranks_needed(*best, size)
+        if device_type == "cpu" and fit and fit > 1:
+            hints.append(f"a GPU cluster (about {fit} x {name}, checkpointed)")
+            break
+    if layout.batch_size > 1 or layout.seq_len > 2048:
+        hints.append("a smaller train.batch_size or seq_len, or parallel.cp > 1 for long rows")
+    phase_note = f" (phase {phase.name}: seq_len {phase.seq_len})" if len(phases) > 1 else ""
+    raise ValueError(
+        f"this run needs about {gib(estimate.total)} per rank{phase_note} but a rank has {gib(per_rank)} "
+        f"({where}); the model has {estimate.parameters / 1e9:,.2f}B parameters, {world_size} rank(s):\n"
+        f"{estimate.table()}\n"
+        f"try: {'; '.join(hints) or 'more ranks'}. `python launch/plan.py +model=... plan.gpus=N` plans a cluster; "
+        "train.preflight=false starts anyway")
