@@ -130,7 +130,10 @@ class MoE(nn.Module):
         flat_experts = experts.flatten()
         order = torch.argsort(flat_experts, stable=True)
         token_of = torch.div(order, self.top_k, rounding_mode="floor")
-        counts = torch.bincount(flat_experts, minlength=self.n_experts)
+        # Tokens per expert, with a shape that does not depend on the data (the planner's fake
+        # tensors and the compiler need that; bincount's does).
+        counts = torch.zeros(self.n_experts, dtype=torch.long, device=x.device).index_add_(
+            0, flat_experts, torch.ones_like(flat_experts))
         routed = x[token_of] * scores.flatten()[order, None]
 
         handle = self.dispatcher.dispatch(routed, counts)
