@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model import ModelArgs, Transformer  # noqa: E402
 from model.params import count_parameters  # noqa: E402
 from train.config import model_args, register_configs, validate  # noqa: E402
+from train.cost import search_layouts, step_cost  # noqa: E402
 from train.memory import GPUS, estimate_memory, fsdp_ranks_needed, gib, layout_of  # noqa: E402
 
 register_configs()
@@ -48,7 +49,7 @@ def plan(args: ModelArgs) -> dict:
     return {"total": total, "active": active, "components": counts}
 
 
-def plan_cluster(cfg) -> bool:
+def plan_cluster(cfg, preset: str = "<preset>") -> bool:
     """Print the per-GPU estimate of this config on plan.gpus GPUs of kind plan.gpu; True if it fits."""
     if cfg.plan.gpu not in GPUS:
         raise ValueError(f"plan.gpu={cfg.plan.gpu!r} is not one of {', '.join(GPUS)}")
@@ -63,12 +64,38 @@ def plan_cluster(cfg) -> bool:
               f"batch {layout.batch_size}, FSDP over {layout.dp_shard}, ep {layout.ep}, cp {layout.cp}, "
               f"activation checkpointing {'on' if layout.activation_checkpointing else 'off'}")
         print(estimate.table())
+        cost = step_cost(phase.model, layout, cfg.plan.gpu)
+        print(describe(cost))
         if estimate.total > size:
             fits = False
             print(f"  does not fit; the largest parts: {', '.join(advice(estimate, layout, size, phase.model))}")
         else:
             print(f"  fits, {gib(size - estimate.total)} to spare")
+        ranked = search_layouts(phase.model, layout, cfg.plan.gpu)
+        if not ranked:
+            print(f"  no layout herd has (FSDP/HSDP, ep, cp, activation checkpointing) fits {phase.model.dim}-wide "
+                  f"{phase.seq_len}-token rows of batch {layout.batch_size} on {cfg.plan.gpus} x {cfg.plan.gpu}: "
+                  "more GPUs, shorter rows, or parallelism herd does not have (tensor or pipeline parallel)")
+            continue
+        print("  layouts that fit, fastest first (predicted):")
+        for c in ranked[:5]:
+            print(f"    {c.tokens_per_s:>9,.0f} tok/s/GPU  MFU {c.mfu:5.1%}  {gib(c.memory):>10}  {overrides(c.layout)}")
+        print(f"  launch the best: torchrun --nnodes={max(1, cfg.plan.gpus // 8)} --nproc_per_node={min(8, cfg.plan.gpus)} "
+              f"... launch/pretrain.py +model={preset} {overrides(ranked[0].layout)}")
     return fits
+
+
+def overrides(layout) -> str:
+    return (f"parallel.dp_shard={layout.dp_shard} parallel.dp_replicate={layout.world_size // layout.dp_shard} "
+            f"parallel.ep={layout.ep} parallel.cp={layout.cp} "
+            f"parallel.activation_checkpointing={str(layout.activation_checkpointing).lower()}")
+
+
+def describe(cost) -> str:
+    comm = ", ".join(f"{name} {gib(b)}" for name, b in cost.bytes.items())
+    return (f"  per micro-batch: {cost.flops / 1e12:,.1f} TFLOP; {comm}\n"
+            f"  predicted: compute {cost.compute_s:.2f} s, communication {cost.comm_s:.2f} s, step {cost.step_s:.2f} s, "
+            f"{cost.tokens_per_s:,.0f} tokens/s per GPU, MFU {cost.mfu:.1%} (train/cost.py's model)")
 
 
 def advice(estimate, layout, size: int, args: ModelArgs) -> list[str]:
@@ -102,7 +129,8 @@ def main(argv: list[str]) -> None:
             raise SystemExit("choose a model preset: python launch/plan.py +model=tiny|scout|maverick|behemoth")
         plan(model_args(cfg))
         if cfg.plan.gpus:
-            plan_cluster(cfg)
+            preset = next((o.split("=", 1)[1] for o in overrides if o.lstrip("+").startswith("model=")), "<preset>")
+            plan_cluster(cfg, preset)
     except (HydraException, OmegaConfBaseException, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
 

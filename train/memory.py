@@ -67,17 +67,26 @@ def gib(n: float) -> str:
     return f"{n / GiB:,.1f} GiB" if n >= GiB / 10 else f"{n / 2**20:,.1f} MiB"
 
 
-def _block_sizes(args: ModelArgs) -> tuple[int, int, int]:
-    """(largest block's dense parameters, largest block's routed-expert parameters, root parameters)."""
-    with torch.device("meta"):
-        model = Transformer(args)
-    dense, experts = 0, 0
-    for block in model.layers.values():
-        d = sum(p.numel() for n, p in block.named_parameters() if ".experts." not in f".{n}")
-        e = sum(p.numel() for n, p in block.named_parameters() if ".experts." in f".{n}")
-        dense, experts = max(dense, d), max(experts, e)
-    root = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(("layers.", "vision.")))
-    return dense, experts, root
+_SIZES: dict[str, tuple[int, int, int, int, int]] = {}
+
+
+def model_sizes(args: ModelArgs) -> tuple[int, int, int, int, int]:
+    """(all parameters, the largest block's dense parameters, its routed-expert parameters, root
+    parameters, all routed-expert parameters), from a meta-device build, remembered per config
+    (plans ask many times)."""
+    key = repr(args)
+    if key not in _SIZES:
+        with torch.device("meta"):
+            model = Transformer(args)
+        dense, experts = 0, 0
+        for block in model.layers.values():
+            d = sum(p.numel() for n, p in block.named_parameters() if ".experts." not in f".{n}")
+            e = sum(p.numel() for n, p in block.named_parameters() if ".experts." in f".{n}")
+            dense, experts = max(dense, d), max(experts, e)
+        root = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(("layers.", "vision.")))
+        routed = sum(p.numel() for n, p in model.named_parameters() if ".experts." in f".{n}")
+        _SIZES[key] = (sum(p.numel() for p in model.parameters()), dense, experts, root, routed)
+    return _SIZES[key]
 
 
 def activation_elements_per_token(args: ModelArgs) -> int:
@@ -95,12 +104,10 @@ def activation_elements_per_token(args: ModelArgs) -> int:
 def estimate_memory(args: ModelArgs, layout: Layout, device_type: str = "cuda") -> MemoryEstimate:
     from .build import FULL_INIT_MAX_PARAMS
 
-    with torch.device("meta"):
-        n_params = sum(p.numel() for p in Transformer(args).parameters())
+    n_params, dense, experts, root, _ = model_sizes(args)
     sharded = 16 * n_params // layout.dp_shard
     gathered = 0
     if layout.world_size > 1:
-        dense, experts, root = _block_sizes(args)
         block = dense + experts // layout.ep
         gathered = 2 * block * layout.param_bytes + 4 * block + root * layout.param_bytes
     tokens = layout.batch_size * layout.seq_len // layout.cp

@@ -91,3 +91,28 @@ def test_plan_reports_what_fits_on_a_cluster():
     bad = subprocess.run([sys.executable, "launch/plan.py", "+model=scout", "plan.gpus=8", "plan.gpu=a100"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "plan.gpu='a100'" in bad.stderr
+
+
+def test_cost_model_sees_what_expert_parallelism_and_hsdp_save():
+    from train.cost import search_layouts, step_cost
+    from train.memory import Layout
+
+    args = _args(["+model=scout"])
+    base = Layout(64, 64, seq_len=8192, batch_size=1, activation_checkpointing=True)
+    fsdp = lambda c: c.bytes["fsdp all-gather"] + c.bytes["fsdp reduce-scatter"]  # noqa: E731
+    plain, ep16 = step_cost(args, base, "h100"), step_cost(args, Layout(**{**vars(base), "ep": 16}), "h100")
+    assert fsdp(ep16) < fsdp(plain) / 4 and "ep all-to-all" in ep16.bytes
+    hsdp = step_cost(args, Layout(**{**vars(base), "dp_shard": 8}), "h100")
+    assert "hsdp all-reduce" in hsdp.bytes and hsdp.memory > plain.memory  # shards over 8, not 64
+    ranked = search_layouts(args, base, "h100")
+    assert ranked and all(c.memory <= 80 * 10**9 for c in ranked)
+    assert [c.tokens_per_s for c in ranked] == sorted((c.tokens_per_s for c in ranked), reverse=True)
+    assert ranked[0].layout.ep > 1  # experts gathered among fewer ranks win on Scout
+
+
+def test_plan_prints_the_fastest_layout_and_its_command():
+    out = subprocess.run([sys.executable, "launch/plan.py", "+model=behemoth", "plan.gpus=32768", "train.batch_size=1",
+                          "train.seq_len=8192"], cwd=ROOT, capture_output=True, text=True, timeout=120, check=True)
+    assert "layouts that fit, fastest first" in out.stdout
+    assert "launch/pretrain.py +model=behemoth parallel.dp_shard=" in out.stdout and "parallel.ep=16" in out.stdout
+    assert "MFU" in out.stdout and "fsdp all-gather" in out.stdout
