@@ -69,6 +69,7 @@ class Transformer(nn.Module):
         return_router_stats: bool = False,
         layout=None,
         image_rows: torch.Tensor | None = None,
+        output_fn=None,
     ):
         """tokens [B, T] -> logits [B, T, vocab].
 
@@ -81,7 +82,11 @@ class Transformer(nn.Module):
 
         Context parallelism (parallel/context.py) passes part of each row: its own `layout` (an
         object with AttentionLayout's `attend`) and `image_rows`, the rows of the flattened image
-        features that fill this part's <|patch|> slots, in order."""
+        features that fill this part's <|patch|> slots, in order.
+
+        `output_fn(hidden, head)`: returned instead of the logits, with the final normed hidden
+        states [B, T, dim] and the output head (hidden -> logits, MetaP's multiplier included),
+        for losses that make the logits chunk by chunk (train/distill.py)."""
         B, T = tokens.shape
         h = self.tok_embeddings(tokens)
         if images is not None:
@@ -107,14 +112,22 @@ class Transformer(nn.Module):
             if layer_losses is not None:
                 losses.append(layer_losses)
                 counts.append(layer_counts)
-        logits = self.output(self.norm(h))
-        if self.args.logit_multiplier != 1.0:  # MetaP's readout multiplier
-            logits = logits * self.args.logit_multiplier
+        if output_fn is not None:
+            logits = output_fn(self.norm(h), self.head)
+        else:
+            logits = self.head(self.norm(h))
         if not return_router_stats:
             return logits
         if losses:
             return logits, torch.stack(losses).mean(0), torch.stack(counts)
         return logits, h.new_zeros(2, dtype=torch.float32), torch.zeros(0, self.args.n_experts, dtype=torch.long)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Final normed hidden states -> logits."""
+        logits = self.output(h)
+        if self.args.logit_multiplier != 1.0:  # MetaP's readout multiplier
+            logits = logits * self.args.logit_multiplier
+        return logits
 
     @torch.no_grad()
     def init_weights(self) -> None:

@@ -5,6 +5,7 @@ The model and data groups' schemas are the plain dataclasses their packages buil
 the values that the types cannot, before any model is built."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from omegaconf import MISSING, OmegaConf
@@ -122,6 +123,17 @@ class PlanConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Distillation from a teacher (train/distill.py, docs/distillation.md)."""
+
+    teacher: str | None = None  # a herd checkpoint or run directory, or a Hugging Face folder; null: no teacher
+    temperature: float = 1.0
+    weight: float = 0.5  # the soft targets' weight (1 - weight on the hard labels) at the first step
+    weight_end: float | None = None  # ... moved linearly to this by the last step (null: constant)
+    chunk_size: int = 4096  # tokens whose logits exist at once, for each model
+
+
+@dataclass
 class PretrainConfig:
     model: ModelArgs = MISSING  # choose a preset: +model=tiny | scout | maverick | behemoth
     run: RunConfig = field(default_factory=RunConfig)
@@ -133,6 +145,7 @@ class PretrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     phases: list[PhaseConfig] = field(default_factory=list)  # none: one phase of train.* (train/phases.py)
     plan: PlanConfig = field(default_factory=PlanConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
 
 def _preset_name() -> str:
@@ -219,6 +232,14 @@ def validate(cfg: PretrainConfig) -> list[Phase]:
     need(all(e > 0 for e in edges) and edges == sorted(set(edges)),
          f"logging.position_buckets={edges} must be positive and ascending")
     _choice("logging.wandb.mode", cfg.logging.wandb.mode, ("online", "offline", "disabled"))
+    d = cfg.distill
+    need(d.temperature > 0, f"distill.temperature={d.temperature} must be positive")
+    for key in ("weight", "weight_end"):
+        value = d[key]
+        need(value is None or 0 <= value <= 1, f"distill.{key}={value} must be in [0, 1]")
+    need(d.chunk_size > 0, f"distill.chunk_size={d.chunk_size} must be positive")
+    if d.teacher is not None and not os.path.exists(d.teacher):
+        raise FileNotFoundError(f"distill.teacher={d.teacher!r} does not exist")
     return phases
 
 

@@ -37,12 +37,14 @@ from .checkpoint import (Checkpointer, checkpoint_step, export_to_hf, find_resum
 from .config import config_for_disk, data_args, model_args, validate
 from .data import build_data, check_sources
 from .faults import FaultInjector, StopRequest, failure_context, requeue_slurm_job
-from .loss import bucket_names, compute_loss, count_targets
+from .distill import soft_weight
+from .loss import DistillStep, bucket_names, compute_loss, count_targets
 from .memory import preflight
 from .metrics import MetricsWriter, flops_per_token, format_duration, peak_flops
 from .optim import build_optimizer, build_scheduler
 from .phases import Phase, phase_at
 from .state import TrainState
+from .teacher import Teacher
 from .wandb_log import WandbLogger
 
 log = logging.getLogger("herd")
@@ -79,6 +81,8 @@ class Trainer:
         # The first phase's model: the run's, with the RoPE settings the phase may change.
         self.model = build_parallel_model(self.phase.model, t.seed, p, self.env, self.meshes, cfg.optim.metap)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.phase.model)
+        self.teacher = (Teacher(cfg.distill.teacher, self.phase.model, p, self.env, self.meshes)
+                        if cfg.distill.teacher else None)
         scheduler = build_scheduler(self.optimizer, t.steps, cfg.optim, self.phases)
         self.state = TrainState(scheduler, data, self.env.rank)
         self.faults = FaultInjector(t.faults, self.env.rank)
@@ -171,7 +175,7 @@ class Trainer:
     # -- one step -------------------------------------------------------------------------
     def forward_backward(self, micro: list[dict], n_targets: torch.Tensor, step: int) -> dict:
         """Backward of every micro-batch; returns the step's sums for the metrics (this rank's)."""
-        sums = torch.zeros(4, dtype=torch.float64)  # CE, router aux, router z, routed token slots
+        sums = torch.zeros(5, dtype=torch.float64)  # CE, router aux, router z, routed token slots, soft targets
         counts = torch.zeros(len(self.moes), self.args.n_experts, dtype=torch.long)  # tokens per expert
         by_position = None  # [2, buckets]: CE and targets per bucket of in-document position
         accum = len(micro)
@@ -179,16 +183,27 @@ class Trainer:
             with failure_context("forward/backward (FSDP and expert collectives)", self.env.rank, step):
                 out = compute_loss(self.model, batch, self.args, global_targets=n_targets,
                                    world_size=self.env.world_size, grad_accum=accum,
-                                   autocast_dtype=self.autocast_dtype, position_buckets=self.position_buckets())
+                                   autocast_dtype=self.autocast_dtype, position_buckets=self.position_buckets(),
+                                   distill=self.distill_step(step))
                 self.faults.loss(out.loss, step).backward()
             sums += torch.stack((out.ce_sum.cpu().double(), out.router[0].cpu().double() / accum,
                                  out.router[1].cpu().double() / accum,
-                                 torch.tensor(float(out.routed_slots), dtype=torch.float64)))
+                                 torch.tensor(float(out.routed_slots), dtype=torch.float64),
+                                 out.soft_sum.cpu().double() if out.soft_sum is not None else torch.zeros((), dtype=torch.float64)))
             counts += out.expert_counts
             if out.by_position is not None:
                 by_position = out.by_position if by_position is None else by_position + out.by_position
         return {"sums": sums, "expert_counts": counts, "skipped": micro[-1].get("skipped", {}),
                 "by_position": by_position}
+
+    def distill_step(self, step: int) -> DistillStep | None:
+        """The teacher and this step's soft-target weight, in a distillation run."""
+        if self.teacher is None:
+            return None
+        d = self.cfg.distill
+        weight = d.weight if d.weight_end is None else soft_weight(step - 1, self.cfg.train.steps, d.weight,
+                                                                      d.weight_end)
+        return DistillStep(self.teacher, d.temperature, weight, d.chunk_size)
 
     def position_buckets(self) -> list[int] | None:
         """The loss-by-position edges, when this phase's rows reach past the first."""
@@ -294,6 +309,9 @@ class Trainer:
                "loss": (sums[0] / n_targets).item(), "lr": lr, "grad_norm": float(grad_norm),
                "tokens_per_s": tokens / dt, "tokens": self.state.tokens, "router_aux": (sums[1] / world).item(),
                "router_z": (sums[2] / world).item(), "step_time_s": dt}
+        if self.teacher is not None:  # "loss" is the hard CE; the soft term and its weight beside it
+            row["loss_soft"] = (sums[4] / n_targets).item()
+            row["distill_weight"] = self.distill_step(step).weight
         if self.moes:
             row.update(expert_metrics(counts, self.model.moe_layers, int(sums[3])))
         if skipped:  # corrupt or unreadable samples, counted since the start of each rank's stream

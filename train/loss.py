@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from data.tokenizer import IGNORE_INDEX
 from model import ModelArgs
 
+from .distill import distillation_sums
+
 
 @dataclass
 class LossOutput:
@@ -29,6 +31,7 @@ class LossOutput:
     expert_counts: torch.Tensor  # [n_moe_layers, n_experts] tokens per expert (long, CPU)
     routed_slots: int  # tokens x top_k: what a dropless layer computes
     by_position: torch.Tensor | None = None  # [2, n_buckets]: CE sum and target count per position bucket
+    soft_sum: torch.Tensor | None = None  # distillation: tau^2 x KL to the teacher, summed over the targets
 
 
 def count_targets(batches: list[dict]) -> torch.Tensor:
@@ -49,28 +52,55 @@ def model_inputs(batch: dict, device: torch.device, args: ModelArgs) -> dict:
     return inputs
 
 
+@dataclass
+class DistillStep:
+    """What a distillation micro-batch needs: the teacher (train/teacher.py) and this step's
+    temperature, soft-target weight and token chunk."""
+
+    teacher: object
+    temperature: float
+    weight: float
+    chunk_size: int
+
+
 def compute_loss(model, batch: dict, args: ModelArgs, *, global_targets: torch.Tensor | float, world_size: int = 1,
                  grad_accum: int = 1, autocast_dtype: torch.dtype | None = None,
-                 position_buckets: list[int] | None = None) -> LossOutput:
+                 position_buckets: list[int] | None = None, distill: DistillStep | None = None) -> LossOutput:
     """Forward one micro-batch and return its loss, normalised as the module docstring says.
     With `position_buckets` (ascending bucket edges), also the cross-entropy summed per bucket of
-    the target's position in its document: what a long-context phase should improve."""
+    the target's position in its document: what a long-context phase should improve. With
+    `distill`, the loss is train/distill.py's (hard CE and the teacher's soft targets, made
+    chunk by chunk from the hidden states); its hard part is reported as the CE."""
     device = next(model.parameters()).device
     labels = batch["labels"].to(device)
     autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
                 else contextlib.nullcontext())
-    with autocast:
-        logits, router, counts = model(**model_inputs(batch, device, args), return_router_stats=True)
-    per_token = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
-                                reduction="none")
-    ce = per_token.sum()
+    soft = by_position = None
+    if distill is not None:
+        targets = distill.teacher.targets(batch, device, autocast_dtype)
+
+        def output_fn(hidden, head):
+            return distillation_sums(hidden.flatten(0, 1), head, labels.flatten(), targets,
+                                     temperature=distill.temperature, weight=distill.weight,
+                                     chunk_size=distill.chunk_size)
+
+        with autocast:
+            sums, router, counts = model(**model_inputs(batch, device, args), return_router_stats=True,
+                                         output_fn=output_fn)
+        summed, ce, soft = sums.loss, sums.hard.float(), sums.soft.float()
+    else:
+        with autocast:
+            logits, router, counts = model(**model_inputs(batch, device, args), return_router_stats=True)
+        per_token = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
+                                    reduction="none")
+        summed = ce = per_token.sum()
+        if position_buckets:
+            by_position = _by_position(per_token.detach(), labels, batch.get("positions"), position_buckets)
     router = router.float()
-    loss = (ce * world_size / global_targets
+    loss = (summed * world_size / global_targets
             + (args.aux_loss_weight * router[0] + args.router_z_loss_coef * router[1]) / grad_accum)
-    by_position = None
-    if position_buckets:
-        by_position = _by_position(per_token.detach(), labels, batch.get("positions"), position_buckets)
-    return LossOutput(loss, ce.detach(), router.detach(), counts.cpu(), labels.numel() * args.top_k, by_position)
+    return LossOutput(loss, ce.detach(), router.detach(), counts.cpu(), labels.numel() * args.top_k, by_position,
+                      None if soft is None else soft.detach())
 
 
 def _by_position(per_token: torch.Tensor, labels: torch.Tensor, positions, edges: list[int]) -> torch.Tensor:
