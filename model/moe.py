@@ -62,14 +62,16 @@ class GroupedExperts(nn.Module):
     """Routed experts stored stacked: w1/w3 [E, dim, hidden], w2 [E, hidden, dim].
 
     `forward(x, counts)` takes rows grouped by expert (counts[e] rows for expert e, in order)
-    and applies each expert's SwiGLU to its rows only: one grouped matmul per weight when the
-    backend has it, otherwise one matmul per expert that received tokens."""
+    and applies each expert's SwiGLU to its rows only, with three grouped matmuls.
+    `self.grouped_mm` is `grouped_mm` below; parallel/ may replace it with one that has the same
+    contract but another number format (FP8), which leaves the parameters and their names alone."""
 
     def __init__(self, n_experts: int, dim: int, hidden: int):
         super().__init__()
         self.w1 = nn.Parameter(torch.empty(n_experts, dim, hidden))
         self.w3 = nn.Parameter(torch.empty(n_experts, dim, hidden))
         self.w2 = nn.Parameter(torch.empty(n_experts, hidden, dim))
+        self.grouped_mm = grouped_mm
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         w1, w2, w3 = (_local(w).to(x.dtype) for w in (self.w1, self.w2, self.w3))
@@ -78,16 +80,19 @@ class GroupedExperts(nn.Module):
             # get a (zero) gradient, so that gradient reduction and the grad-norm collectives
             # run the same way on every rank; the empty SwiGLU gives exactly that.
             return (F.silu(x @ w1[0]) * (x @ w3[0])) @ w2[0]
-        if _grouped_mm_supported(x):
-            offs = torch.cumsum(counts, 0, dtype=torch.int32)
-            x = x.contiguous()
-            h = F.silu(torch._grouped_mm(x, w1, offs=offs)) * torch._grouped_mm(x, w3, offs=offs)
-            return torch._grouped_mm(h, w2, offs=offs)
-        outs = []
-        for e, rows in enumerate(torch.split(x, counts.tolist())):
-            if rows.shape[0]:
-                outs.append(F.silu(rows @ w1[e]) * (rows @ w3[e]) @ w2[e])
-        return torch.cat(outs)  # x has rows, so some expert received them
+        mm = self.grouped_mm
+        h = F.silu(mm(x, w1, counts)) * mm(x, w3, counts)
+        return mm(h, w2, counts)
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """x [M, K] with rows grouped by expert (counts[e] rows for expert e), w [E, K, N] -> [M, N]:
+    each group of rows times its expert's matrix. One grouped matmul when the backend has it,
+    otherwise one matmul per expert."""
+    if _grouped_mm_supported(x):
+        offs = torch.cumsum(counts, 0, dtype=torch.int32)
+        return torch._grouped_mm(x.contiguous(), w, offs=offs)
+    return torch.cat([rows @ w[e] for e, rows in enumerate(torch.split(x, counts.tolist()))])
 
 
 def _local(w: torch.Tensor) -> torch.Tensor:
