@@ -1,5 +1,7 @@
-"""Turn a Transformer into a data-parallel one: expert parallelism, activation checkpointing,
-per-block torch.compile and FSDP2 (`fully_shard`) per block, applied from outside the model.
+"""Turn a Transformer into a data-parallel one: FP8 matmuls, expert parallelism, activation
+checkpointing, per-block torch.compile and FSDP2 (`fully_shard`) per block, applied from outside
+the model, in that order: FP8 (parallel/fp8.py) changes which code runs the blocks' linears and
+experts, so it comes before anything wraps them.
 
 With parallel.ep > 1, routed experts are first split over `ep` (parallel/expert.py), then
 FSDP-sharded over `dp_shard_mod_ep` (x `dp_replicate`); everything else is FSDP-sharded over all
@@ -16,6 +18,7 @@ from torch.distributed.tensor import Shard
 from model import MoE, Transformer
 
 from .expert import AllToAllDispatcher, apply_expert_parallel, exchange_replay_contexts
+from .fp8 import Fp8Config, apply_fp8
 from .mesh import Meshes
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -30,7 +33,12 @@ def parallelize_model(
     activation_checkpointing: bool = False,
     compile: bool = False,
     device_type: str = "cpu",
+    fp8: Fp8Config | None = None,
 ) -> Transformer:
+    """`fp8`: the parallel.fp8 group (recipe, backend, all_gather); None or recipe none: no FP8.
+    FSDP all-gathers the FP8 layers' weights in param_dtype unless fp8.all_gather is set."""
+    if fp8 is not None:
+        apply_fp8(model, fp8, device_type)
     expert_parallel = meshes is not None and meshes.experts is not None
     if expert_parallel:
         apply_expert_parallel(model, meshes.experts["ep"])

@@ -12,6 +12,7 @@ from omegaconf import MISSING, OmegaConf
 
 from data.args import DataArgs
 from model import ModelArgs
+from parallel.fp8 import Fp8Config
 
 from . import metap
 
@@ -81,6 +82,8 @@ class ParallelConfig:
     activation_checkpointing: bool = False
     compile: bool = False  # torch.compile each transformer block
     timeout_s: int = 600  # a collective that hangs this long raises
+    # FP8 matmuls in the blocks' linears and routed experts (docs/fp8.md); the schema is parallel/'s own
+    fp8: Fp8Config = field(default_factory=Fp8Config)
 
 
 @dataclass
@@ -131,6 +134,11 @@ class DistillConfig:
     weight: float = 0.5  # the soft targets' weight (1 - weight on the hard labels) at the first step
     weight_end: float | None = None  # ... moved linearly to this by the last step (null: constant)
     chunk_size: int = 4096  # tokens whose logits exist at once, for each model
+    # Cached targets (launch/cache_teacher.py writes them; a run with distill.cache set trains
+    # from them, without the teacher in memory): top-k probabilities or k draws per token.
+    cache: str | None = None
+    cache_kind: str = "sampled"  # topk | sampled
+    cache_k: int = 12
 
 
 @dataclass
@@ -218,6 +226,7 @@ def validate(cfg: PretrainConfig) -> list[Phase]:
     need(p.ep >= 1, f"parallel.ep={p.ep} must be >= 1")
     need(p.cp >= 1, f"parallel.cp={p.cp} must be >= 1")
     need(p.dp_replicate >= 1, f"parallel.dp_replicate={p.dp_replicate} must be >= 1")
+    Fp8Config(p.fp8.recipe, p.fp8.backend, p.fp8.all_gather).validate()
     phases = resolve_phases(cfg, model_args(cfg), data_args(cfg))  # ModelArgs, DataArgs and every phase
     for phase in phases:
         need(phase.seq_len % (2 * p.cp) == 0,
@@ -238,6 +247,8 @@ def validate(cfg: PretrainConfig) -> list[Phase]:
         value = d[key]
         need(value is None or 0 <= value <= 1, f"distill.{key}={value} must be in [0, 1]")
     need(d.chunk_size > 0, f"distill.chunk_size={d.chunk_size} must be positive")
+    _choice("distill.cache_kind", d.cache_kind, ("topk", "sampled"))
+    need(d.cache_k > 0, f"distill.cache_k={d.cache_k} must be positive")
     if d.teacher is not None and not os.path.exists(d.teacher):
         raise FileNotFoundError(f"distill.teacher={d.teacher!r} does not exist")
     return phases
