@@ -237,8 +237,10 @@ def shard_batch(batch: dict, cp: ContextParallel, args: ModelArgs, device: torch
         positions = torch.arange(T).expand(B, T)
     doc_ids = batch.get("doc_ids")
     out = dict(batch)
+    # Every per-token tensor [B, T, ...] is cut alike (cached teacher targets included).
     for key, value in (("tokens", tokens), ("labels", batch["labels"]), ("positions", positions),
-                       ("doc_ids", doc_ids)):
+                       ("doc_ids", doc_ids), ("teacher_ids", batch.get("teacher_ids")),
+                       ("teacher_probs", batch.get("teacher_probs"))):
         if value is not None:
             out[key] = value[:, mine]
     if args.vision.enabled:

@@ -15,12 +15,12 @@ are recomputed in backward (activation checkpointing per chunk): memory is O(chu
 
 Teacher targets come in three forms:
 - `logits` of an online teacher (its hidden states and output head): the exact KL;
-- `topk`: the teacher's k most likely tokens and their probabilities; the KL is taken over
-  those k tokens with the probabilities renormalised (biased when the k tokens do not cover the
-  teacher's support; k = vocab is the exact KL);
-- `sampled`: tokens drawn from the teacher's distribution with their counts; the soft term is
-  the sample mean of -log p_student(token) x tau^2, an unbiased estimate of the cross-entropy
-  to the teacher (the KL up to the teacher's entropy, which has no gradient).
+- `topk`: the teacher's k most likely tokens and their probabilities at temperature 1; the KL is
+  taken over those k tokens with the probabilities tempered (q^(1/tau)) and renormalised (biased
+  when the k tokens do not cover the teacher's support; k = vocab is the exact KL);
+- `sampled`: tokens drawn from the teacher's tempered distribution with their weights; the soft
+  term is the weighted mean of -log p_student(token) x tau^2, an unbiased estimate of the
+  cross-entropy to the teacher (the KL up to the teacher's entropy, which has no gradient).
 """
 from __future__ import annotations
 
@@ -74,7 +74,8 @@ def _chunk_terms(h, labels, weight, targets: TeacherTargets, head, temperature: 
     else:
         log_p_k = log_p.gather(-1, targets.ids)
         q = targets.probs.float()
-        if targets.kind == "topk":
+        if targets.kind == "topk":  # probabilities at temperature 1, tempered here: q^(1/tau), renormalised
+            q = q.clamp(min=0) ** (1.0 / temperature) if temperature != 1.0 else q
             q = q / q.sum(-1, keepdim=True)
             soft = (q * (q.clamp(min=1e-30).log() - log_p_k)).sum(-1)
         else:

@@ -44,7 +44,7 @@ from .metrics import MetricsWriter, flops_per_token, format_duration, peak_flops
 from .optim import build_optimizer, build_scheduler
 from .phases import Phase, phase_at
 from .state import TrainState
-from .teacher import Teacher
+from .teacher import CachedTeacher, Teacher
 from .wandb_log import WandbLogger
 
 log = logging.getLogger("herd")
@@ -81,8 +81,12 @@ class Trainer:
         # The first phase's model: the run's, with the RoPE settings the phase may change.
         self.model = build_parallel_model(self.phase.model, t.seed, p, self.env, self.meshes, cfg.optim.metap)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.phase.model)
-        self.teacher = (Teacher(cfg.distill.teacher, self.phase.model, p, self.env, self.meshes)
-                        if cfg.distill.teacher else None)
+        if cfg.distill.cache:  # targets written by launch/cache_teacher.py: no teacher in memory
+            self.teacher = CachedTeacher(cfg.distill.cache, cfg.distill.temperature)
+        elif cfg.distill.teacher:
+            self.teacher = Teacher(cfg.distill.teacher, self.phase.model, p, self.env, self.meshes)
+        else:
+            self.teacher = None
         scheduler = build_scheduler(self.optimizer, t.steps, cfg.optim, self.phases)
         self.state = TrainState(scheduler, data, self.env.rank)
         self.faults = FaultInjector(t.faults, self.env.rank)
@@ -266,6 +270,8 @@ class Trainer:
         if self.batches is None:
             self.batches = iter(self.state.data)
         micro = self.faults.batches([next(self.batches) for _ in range(self.phase.grad_accum)], step)
+        if isinstance(self.teacher, CachedTeacher):
+            micro = [self.teacher.attach(b) for b in micro]
         if self.cp is not None:
             micro = [shard_batch(b, self.cp, self.phase.model, self.env.device) for b in micro]
         with failure_context("counting targets (all-reduce)", self.env.rank, step):

@@ -147,3 +147,25 @@ def test_distillation_learns_a_known_language_better_than_labels():
     assert full < 0.6 * ce, (ce, full)
     assert sampled < ce and sampled < full + 0.5 * (ce - full), (ce, full, sampled)
     assert truncated > 2 * full, (full, truncated)  # the top-2 targets miss half the support: biased
+
+
+# ---------------------------------------------------------------- cached targets
+
+
+def test_cached_targets_train_like_the_online_teacher_and_resume(teacher_run, tmp_path):
+    """Top-k targets over the whole vocabulary, cached once, give the online run's losses (fp16
+    probabilities: 1e-3); the cache script is resumable; a batch it never saw is a clear error."""
+    from launch.cache_teacher import cache_targets
+    from train.loop import train
+
+    common = TEXT + ["train.steps=3", "distill.temperature=2", "distill.weight=0.7"]
+    online = train(compose(common + [f"run.dir={tmp_path}/online", f"distill.teacher={teacher_run}"]))
+    cache = ["distill.cache_kind=topk", "distill.cache_k=4352", f"distill.cache={tmp_path}/cache"]
+    assert cache_targets(compose(common + [f"distill.teacher={teacher_run}", *cache])) == 3
+    assert cache_targets(compose(common + [f"distill.teacher={teacher_run}", *cache])) == 0  # all there already
+    cached = train(compose(common + [f"run.dir={tmp_path}/cached", *cache]))
+    for a, b in zip(online, cached):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)  # the hard CE does not use the teacher
+        assert b["loss_soft"] == pytest.approx(a["loss_soft"], rel=1e-3)
+    with pytest.raises(FileNotFoundError, match="has no targets for this batch"):
+        train(compose(common + [f"run.dir={tmp_path}/other", "train.seed=5", *cache]))
