@@ -90,9 +90,12 @@ def scaled_matmul(a: torch.Tensor, b: torch.Tensor, a_dtype: torch.dtype, rowwis
 
 
 class _Fp8Linear(torch.autograd.Function):
-    """y = x w^T with the three matmuls of a linear in FP8: forward e4m3 x e4m3, backward the
-    gradient in e5m2 (range over precision) times e4m3. The e5m2 operand is always the left one,
-    the only side the CUDA rowwise kernel takes it on."""
+    """y = x w^T with the three matmuls of a linear in FP8: forward e4m3 x e4m3; backward the
+    gradient times e4m3, the gradient in e5m2 under tensorwise scaling (one scale for a whole
+    gradient needs e5m2's range) and in e4m3 under rowwise scaling, where each row's own scale
+    supplies the range and e4m3's extra mantissa bit halves the error (torchao's rowwise recipe
+    chose the same). The gradient is always the left operand, the side on which the CUDA
+    rowwise kernel accepts e5m2."""
 
     @staticmethod
     def forward(ctx, x, w, rowwise: bool):
@@ -105,11 +108,12 @@ class _Fp8Linear(torch.autograd.Function):
     def backward(ctx, g):
         x, w = ctx.saved_tensors
         g2 = g.reshape(-1, g.shape[-1])
+        grad_dtype = E4M3 if ctx.rowwise else E5M2
         dx = dw = None
         if ctx.needs_input_grad[0]:
-            dx = scaled_matmul(g2, w, E5M2, ctx.rowwise, x.dtype).view(x.shape)
+            dx = scaled_matmul(g2, w, grad_dtype, ctx.rowwise, x.dtype).view(x.shape)
         if ctx.needs_input_grad[1]:
-            dw = scaled_matmul(g2.t(), x.reshape(-1, x.shape[-1]), E5M2, ctx.rowwise, w.dtype)
+            dw = scaled_matmul(g2.t(), x.reshape(-1, x.shape[-1]), grad_dtype, ctx.rowwise, w.dtype)
         return dx, dw, None
 
 
