@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-KINDS = ("shards", "text")
+KINDS = ("shards", "text", "passkey")
+PASSKEY_FILLERS = ("repeat", "text")
 IMAGE_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -33,14 +34,15 @@ class Source:
 
 @dataclass
 class DataArgs:
-    # What: webdataset shards through the early-fusion tokenizer, or one text file as bytes.
-    kind: str = "shards"  # shards | text
+    # What: webdataset shards through the early-fusion tokenizer, one text file as bytes, or
+    # synthetic passkey-retrieval documents as bytes (data/passkey.py).
+    kind: str = "shards"  # shards | text | passkey
 
     # Where: `urls` (one source) or `sources` (a weighted mixture), not both; with neither, the
     # built-in sample set ("sample", built into a cache directory on first use).
     urls: Any = None  # str or list of str: a directory, a brace pattern, a `pipe:` command, or "sample"
     sources: list[Source] = field(default_factory=list)
-    path: str | None = None  # kind=text: a text file; None: the English text of Python's pydoc topics
+    path: str | None = None  # kind=text (and passkey_filler=text): a text file; None: Python's pydoc topics
     num_workers: int = 2  # loader processes per rank (0: in the training process)
 
     # Text
@@ -53,6 +55,12 @@ class DataArgs:
     shuffle_buffer: int = 64
     resample: bool = False  # draw shards with replacement, forever (no epochs)
     epochs: int | None = None  # None: loop forever (training); N: stop after N passes
+
+    # kind=passkey: each document hides a number of passkey_digits digits at a random depth of
+    # filler text and asks for it at the end. Filler: `repeat` (five short sentences over and
+    # over: only the number is left to learn) or `text` (sentences of data.path, or pydoc).
+    passkey_digits: int = 5
+    passkey_filler: str = "repeat"  # repeat | text
 
     # Packing
     reset_positions: bool = True  # positions restart at 0 for every document in a row
@@ -91,7 +99,7 @@ class DataArgs:
             return [s if isinstance(s, Source) else Source(**s) for s in self.sources]
         return [Source("sample" if self.urls is None else self.urls, 1.0)]
 
-    def validate(self) -> "DataArgs":
+    def validate(self) -> DataArgs:
         if self.kind not in KINDS:
             raise ValueError(f"data.kind={self.kind!r} is not one of {', '.join(KINDS)}")
         if self.num_workers < 0:
@@ -135,6 +143,10 @@ class DataArgs:
             raise ValueError(f"data.epochs={self.epochs}: use None to loop forever or a count >= 1")
         if self.resample and self.epochs is not None:
             raise ValueError("data.resample=true draws shards forever; it cannot be combined with data.epochs")
+        if not 1 <= self.passkey_digits <= 18:
+            raise ValueError(f"data.passkey_digits={self.passkey_digits} must be between 1 and 18")
+        if self.passkey_filler not in PASSKEY_FILLERS:
+            raise ValueError(f"data.passkey_filler={self.passkey_filler!r} is not one of {', '.join(PASSKEY_FILLERS)}")
         if self.image_dtype not in IMAGE_DTYPES:
             raise ValueError(f"data.image_dtype={self.image_dtype!r}: use {', '.join(IMAGE_DTYPES)}")
         return self

@@ -1,12 +1,14 @@
-"""Build the batch source the config asks for. Both kinds yield dicts with `tokens` and
-`labels` [B, T] (labels aligned with tokens, -100 where there is no target); the shard loader
-adds `positions`, `doc_ids`, `images` and skip counters. Both have state_dict/load_state_dict.
+"""Build the batch source the config asks for. Every kind yields dicts with `tokens` and
+`labels` [B, T] (labels aligned with tokens, -100 where there is no target); the passkey source
+adds `positions` and `doc_ids`, the shard loader those, `images` and skip counters. All have
+state_dict/load_state_dict.
 
 The data is built before the model, so a bad source or a tokenizer that does not fit the model
 stops the run within seconds, before any weights exist."""
 from __future__ import annotations
 
 from data.args import DataArgs
+from data.passkey import PasskeyBatches
 from data.text import TextBatches
 from model import ModelArgs
 
@@ -16,6 +18,9 @@ def build_data(args: DataArgs, model: ModelArgs, seq_len: int, batch_size: int, 
     """`stall_timeout_s`: with loader workers, a batch that takes longer raises data.loader.DataStall."""
     if args.kind == "text":
         return TextBatches(args.path, seq_len, batch_size, model.vocab_size, rank, world_size, seed)
+    if args.kind == "passkey":
+        return PasskeyBatches(args.path, seq_len, batch_size, model.vocab_size, rank, world_size, seed,
+                              digits=args.passkey_digits, filler=args.passkey_filler)
     from data import MultimodalLoader
 
     loader = MultimodalLoader(args, rank=rank, world_size=world_size, batch_size=batch_size, seq_len=seq_len,
