@@ -179,11 +179,15 @@ def _quantize_rows(x: torch.Tensor, group: torch.Tensor, n_groups: int, rowwise:
     return q, s[group]
 
 
+def _col_major(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-2) == 1 else t.transpose(-2, -1).contiguous().transpose(-2, -1)
+
+
 def _grouped_scaled_mm(qa, sa, qb, sb, counts, out_dtype):
-    """qa [M, K] (scales [M, 1]) times, group by group, qb [E, K, N] (scales [E, 1, N]) -> [M, N]."""
-    sa, sb = sa.contiguous(), sb.contiguous()  # tensorwise scales arrive expanded
-    if qa.is_cuda:  # the grouped kernel: e4m3 only, b column-major, bf16 out
-        qb = qb if qb.stride(-2) == 1 else qb.transpose(-2, -1).contiguous().transpose(-2, -1)
+    """qa [M, K] (scales [M, 1]) times, group by group, qb [E, K, N] (scales [E, 1, N]) -> [M, N].
+    The scaled kernels (and torch.compile's lowering of them) want a row-major, b column-major."""
+    qa, qb, sa, sb = qa.contiguous(), _col_major(qb), sa.contiguous(), sb.contiguous()
+    if qa.is_cuda:  # the grouped kernel: e4m3 only, bf16 out
         offs = torch.cumsum(counts, 0, dtype=torch.int32)
         return torch._scaled_grouped_mm(qa, qb, sa.flatten(), sb.flatten(1), offs=offs,
                                         out_dtype=torch.bfloat16).to(out_dtype)
@@ -198,18 +202,19 @@ def _grouped_scaled_mm(qa, sa, qb, sb, counts, out_dtype):
 
 
 def _grouped_weight_grad(qx, sx, qg, sg, counts, out_dtype):
-    """dW[e] = x_e^T g_e for qx [M, K], qg [M, N] with per-(group, column) scales -> [E, K, N]."""
-    sx, sg = sx.contiguous(), sg.contiguous()
-    if qx.is_cuda:  # 2d x 2d grouped: the groups run along the contracted rows
+    """dW[e] = x_e^T g_e for qx [M, K], qg [M, N] with per-(group, column) scales -> [E, K, N]:
+    the groups run along the contracted rows (a 2D x 2D grouped matmul)."""
+    qxt, qg, sx, sg = qx.t().contiguous(), _col_major(qg), sx.contiguous(), sg.contiguous()
+    if qx.is_cuda:
         offs = torch.cumsum(counts, 0, dtype=torch.int32)
-        return torch._scaled_grouped_mm(qx.t().contiguous(), qg.t().contiguous().t(), sx.flatten(), sg.flatten(),
-                                        offs=offs, out_dtype=torch.bfloat16).to(out_dtype)
+        return torch._scaled_grouped_mm(qxt, qg, sx.flatten(), sg.flatten(), offs=offs,
+                                        out_dtype=torch.bfloat16).to(out_dtype)
     out = qx.new_zeros(counts.numel(), qx.shape[1], qg.shape[1], dtype=out_dtype)
     start = 0
     for e, n in enumerate(counts.tolist()):
         if n:
             rows = slice(start, start + n)
-            out[e] = torch._scaled_mm(qx[rows].t(), qg[rows], scale_a=sx[e, :, None], scale_b=sg[e, None],
+            out[e] = torch._scaled_mm(qxt[:, rows], qg[rows], scale_a=sx[e, :, None], scale_b=sg[e, None],
                                       out_dtype=out_dtype)
         start += n
     return out
