@@ -21,6 +21,7 @@ table.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -50,6 +51,14 @@ def compose(overrides: list[str]):
 def width_overrides(width: int, metap: bool, lr: float, extra: list[str] = ()) -> list[str]:
     return ["+model=tiny", "+experiment=metap_width", f"model.dim={width}", f"optim.metap={str(metap).lower()}",
             f"optim.lr={lr}", "run.dir=unused", *extra]
+
+
+def at_width(cfg, width: int, metap: bool):
+    """A copy of a composed metap_width config at another width: the experiment derives the other
+    shapes from model.dim by interpolation, so one composition serves every point."""
+    cfg = copy.deepcopy(cfg)  # keeps the schema's types
+    cfg.model.dim, cfg.optim.metap = width, metap
+    return cfg
 
 
 def rms(x) -> float:
@@ -220,6 +229,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--params", nargs="+", default=["sp", "metap"], choices=["sp", "metap"])
     p.add_argument("--out", default="outputs/coord_check", help="directory for coord_check.json and .png")
     p.add_argument("--png", default=None, help="where the plot goes (default: OUT/coord_check.png)")
+    p.add_argument("--no-plot", action="store_true", help="table and JSON only (no matplotlib)")
     p.add_argument("--from-json", default=None, help="table and plot of an earlier run's coord_check.json, no training")
     p.add_argument("overrides", nargs="*", help="more Hydra overrides, e.g. train.batch_size=4")
     a = p.parse_args(argv)
@@ -240,10 +250,10 @@ def main(argv: list[str] | None = None) -> dict:
     cost = {job: job[1] for job in jobs}  # a rough cost model for the ETA: time ~ width
     runs: dict[str, dict[int, dict]] = {param: {} for param in a.params}
     start, done = time.perf_counter(), 0.0
+    base = compose(width_overrides(widths[0], False, a.lr, a.overrides))
     for i, (param, w) in enumerate(jobs):
         t0 = time.perf_counter()
-        cfg = compose(width_overrides(w, param == "metap", a.lr, a.overrides))
-        runs[param][w] = measure(cfg, a.steps)
+        runs[param][w] = measure(at_width(base, w, param == "metap"), a.steps)
         done += cost[(param, w)]
         elapsed = time.perf_counter() - start
         eta = elapsed / done * (sum(cost.values()) - done)
@@ -256,9 +266,11 @@ def main(argv: list[str] | None = None) -> dict:
               "summary": summary, "seconds": time.perf_counter() - start}
     with open(os.path.join(a.out, "coord_check.json"), "w") as f:
         json.dump(result, f, indent=1)
-    png = a.png or os.path.join(a.out, "coord_check.png")
-    plot(widths, runs, a.steps, png)
-    print(f"wrote {os.path.join(a.out, 'coord_check.json')} and {png}")
+    print(f"wrote {os.path.join(a.out, 'coord_check.json')}")
+    if not a.no_plot:
+        png = a.png or os.path.join(a.out, "coord_check.png")
+        plot(widths, runs, a.steps, png)
+        print(f"wrote {png}")
     return result
 
 
