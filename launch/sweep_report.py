@@ -202,7 +202,7 @@ def plot(groups: dict, variable: str, path: str, title: str) -> None:
         ax.set_title(param)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    axes[0][0].set_ylabel("final training loss")
+    axes[0][0].set_ylabel("loss")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -228,7 +228,8 @@ def main(argv: list[str] | None = None) -> dict:
     groups = group(runs, variable)
     print(report(runs, variable, groups, a.last_k))
     png = a.png or os.path.join(a.sweep_dir, "sweep_report.png")
-    plot(groups, variable, png, f"{a.sweep_dir}: loss (mean of last {a.last_k}) vs lr")
+    name = os.path.basename(os.path.normpath(a.sweep_dir))
+    plot(groups, variable, png, f"{name}: final training loss (mean of the last {a.last_k} steps) vs lr")
     out = {"variable": variable, "last_k": a.last_k, "runs": [asdict(r) for r in runs],
            "groups": [{"param": k[0], "value": k[1], **g} for k, g in groups.items()]}
     with open(a.json or os.path.join(a.sweep_dir, "sweep_report.json"), "w") as f:
