@@ -14,6 +14,7 @@ import time
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
@@ -47,6 +48,8 @@ def main(cfg: DictConfig) -> None:
         everyone = dist.is_initialized() and not isinstance(e, FloatingPointError)  # non-finite: a global decision
         report(f"error: rank {rank}: {e}" if everyone and not str(e).startswith("rank ") else f"error: {e}",
                rank == 0 or everyone)
+        if isinstance(e, FloatingPointError) and HydraConfig.get().mode == RunMode.MULTIRUN:
+            return  # a diverged point of a sweep is a result (its metrics say so); the sweep goes on
         raise SystemExit(2) from None
     except CollectiveError as e:  # names its own rank: every rank reports
         report(f"error: {e}", True)
