@@ -93,8 +93,8 @@ class _Fp8Linear(torch.autograd.Function):
     """y = x w^T with the three matmuls of a linear in FP8: forward e4m3 x e4m3; backward the
     gradient times e4m3, the gradient in e5m2 under tensorwise scaling (one scale for a whole
     gradient needs e5m2's range) and in e4m3 under rowwise scaling, where each row's own scale
-    supplies the range and e4m3's extra mantissa bit halves the error (torchao's rowwise recipe
-    chose the same). The gradient is always the left operand, the side on which the CUDA
+    supplies the range and e4m3's extra mantissa bit cuts the error by a third (torchao's rowwise
+    recipe chose the same). The gradient is always the left operand, the side on which the CUDA
     rowwise kernel accepts e5m2."""
 
     @staticmethod
