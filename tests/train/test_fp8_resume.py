@@ -2,7 +2,6 @@
 trains on with FP8 off, and the reverse, through the same checkpoint code the trainer uses; a run
 directory rerun with the other setting resumes; and the real entry point trains the tiny model
 with FP8 as well as in fp32, over a few steps (docs/fp8.md has the 100-step measurement)."""
-import inspect
 import json
 import os
 import subprocess
@@ -17,17 +16,6 @@ from tests.helpers import ROOT, compose
 from train.checkpoint import Checkpointer, latest_checkpoint, load_checkpoint
 
 from .test_checkpoint import setup
-
-
-def _fp8_reaches_the_trainer() -> bool:
-    import train.build
-
-    return "fp8" in inspect.getsource(train.build.build_parallel_model)
-
-
-needs_trainer_fp8 = pytest.mark.skipif(
-    not _fp8_reaches_the_trainer(),
-    reason="train/build.py does not pass parallel.fp8 to parallelize_model yet (fp8=parallel.fp8)")
 
 
 def model_with(recipe: str, seed: int = 0):
@@ -76,7 +64,6 @@ def _train(tmp_path, name, *overrides):
                           f"run.dir={tmp_path / name}", *overrides]))
 
 
-@needs_trainer_fp8
 def test_a_run_rerun_with_fp8_switched_resumes(tmp_path):
     """A run saved at step 3 with FP8 on, rerun with FP8 off and more steps: it resumes at step 4
     (and the reverse)."""
@@ -89,7 +76,6 @@ def test_a_run_rerun_with_fp8_switched_resumes(tmp_path):
         assert [r["step"] for r in rows] == [4, 5] and all(r["loss"] == r["loss"] for r in rows)
 
 
-@needs_trainer_fp8
 def test_entry_point_trains_with_fp8_like_fp32(tmp_path):
     """`python launch/pretrain.py +model=tiny parallel.fp8.recipe=rowwise`: FP8 is applied (it
     says so), and after 10 steps the loss is within 2% of the fp32 run's (looser than the 100-step
