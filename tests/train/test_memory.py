@@ -80,17 +80,23 @@ def test_scout_on_a_cpu_host_stops_in_seconds_with_the_estimate(tmp_path):
     assert not os.path.exists(tmp_path / "run" / "checkpoints")
 
 
-def test_plan_reports_what_fits_on_a_cluster():
-    out = subprocess.run([sys.executable, "launch/plan.py", "+model=scout", "plan.gpus=64",
-                          "parallel.activation_checkpointing=true"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=120, check=True)
-    assert "64 x h100" in out.stdout and "fits," in out.stdout
-    out = subprocess.run([sys.executable, "launch/plan.py", "+model=scout", "plan.gpus=8"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120, check=True)
-    assert "does not fit" in out.stdout and "GPUs" in out.stdout
-    bad = subprocess.run([sys.executable, "launch/plan.py", "+model=scout", "plan.gpus=8", "plan.gpu=a100"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert bad.returncode != 0 and "plan.gpu='a100'" in bad.stderr
+def _plan(argv, capsys) -> str:
+    from hydra.core.global_hydra import GlobalHydra
+
+    from launch.plan import main
+
+    GlobalHydra.instance().clear()
+    main(argv)
+    return capsys.readouterr().out
+
+
+def test_plan_reports_what_fits_on_a_cluster(capsys):
+    out = _plan(["+model=scout", "plan.gpus=64", "parallel.activation_checkpointing=true"], capsys)
+    assert "64 x h100" in out and "fits," in out
+    out = _plan(["+model=scout", "plan.gpus=8"], capsys)
+    assert "does not fit" in out and "GPUs" in out
+    with pytest.raises(SystemExit, match="plan.gpu='a100'"):
+        _plan(["+model=scout", "plan.gpus=8", "plan.gpu=a100"], capsys)
 
 
 def test_cost_model_sees_what_expert_parallelism_and_hsdp_save():
@@ -110,9 +116,8 @@ def test_cost_model_sees_what_expert_parallelism_and_hsdp_save():
     assert ranked[0].layout.ep > 1  # experts gathered among fewer ranks win on Scout
 
 
-def test_plan_prints_the_fastest_layout_and_its_command():
-    out = subprocess.run([sys.executable, "launch/plan.py", "+model=behemoth", "plan.gpus=32768", "train.batch_size=1",
-                          "train.seq_len=8192"], cwd=ROOT, capture_output=True, text=True, timeout=120, check=True)
-    assert "layouts that fit, fastest first" in out.stdout
-    assert "launch/pretrain.py +model=behemoth parallel.dp_shard=" in out.stdout and "parallel.ep=16" in out.stdout
-    assert "MFU" in out.stdout and "fsdp all-gather" in out.stdout
+def test_plan_prints_the_fastest_layout_and_its_command(capsys):
+    out = _plan(["+model=behemoth", "plan.gpus=32768", "train.batch_size=1", "train.seq_len=8192"], capsys)
+    assert "layouts that fit, fastest first" in out
+    assert "launch/pretrain.py +model=behemoth parallel.dp_shard=" in out and "parallel.ep=16" in out
+    assert "MFU" in out and "fsdp all-gather" in out

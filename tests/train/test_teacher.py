@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from tests.helpers import compose, run_ranks
 
-TEXT = ["+model=tiny", "model.vision.enabled=false", "data=text", "train.seq_len=128", "train.batch_size=2",
+TEXT = ["+model=tiny", "model.vision.enabled=false", "data=text", "train.seq_len=64", "train.batch_size=2",
         "logging.wandb.mode=disabled", "model.router_aux_loss_coef=0"]
 
 
