@@ -229,12 +229,17 @@ def main(argv: list[str] | None = None) -> dict:
     print(report(runs, variable, groups, a.last_k))
     png = a.png or os.path.join(a.sweep_dir, "sweep_report.png")
     name = os.path.basename(os.path.normpath(a.sweep_dir))
-    plot(groups, variable, png, f"{name}: final training loss (mean of the last {a.last_k} steps) vs lr")
+    try:
+        plot(groups, variable, png, f"{name}: final training loss (mean of the last {a.last_k} steps) vs lr")
+    except ImportError:  # the table and the JSON do not need it
+        print("no plot: matplotlib is not installed (pip install matplotlib)")
+        png = None
     out = {"variable": variable, "last_k": a.last_k, "runs": [asdict(r) for r in runs],
            "groups": [{"param": k[0], "value": k[1], **g} for k, g in groups.items()]}
     with open(a.json or os.path.join(a.sweep_dir, "sweep_report.json"), "w") as f:
         json.dump(out, f, indent=1, default=str)
-    print(f"wrote {png}")
+    if png:
+        print(f"wrote {png}")
     return out
 
 
