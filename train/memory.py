@@ -126,7 +126,7 @@ def device_memory(device_type: str) -> tuple[int, str]:
     """(bytes one rank may use, where the figure comes from) on this host."""
     if device_type == "cuda":
         local = int(os.environ.get("LOCAL_RANK", "0"))
-        free, total = torch.cuda.mem_get_info(local)
+        _, total = torch.cuda.mem_get_info(local)
         return total, f"{torch.cuda.get_device_name(local)}, {gib(total)}"
     available = _meminfo("MemAvailable")
     ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))

@@ -12,6 +12,7 @@ during the student's backward, when the teacher's own FSDP state is not active.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -97,11 +98,9 @@ class Teacher:
     def targets(self, batch: dict, device: torch.device, autocast_dtype: torch.dtype | None) -> TeacherTargets:
         """The teacher's hidden states on this micro-batch, flattened to [B * T, dim]."""
         inputs = model_inputs(batch, device, self.args)
-        autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else None
-        if autocast is not None:
-            with autocast:
-                hidden = self.model(**inputs, output_fn=lambda h, head: h)
-        else:
+        autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
+                    else contextlib.nullcontext())
+        with autocast:
             hidden = self.model(**inputs, output_fn=lambda h, head: h)
         return TeacherTargets("logits", hidden=hidden.flatten(0, 1), head=self.head)
 
