@@ -11,6 +11,7 @@ from typing import Any
 
 KINDS = ("shards", "text", "passkey")
 PASSKEY_FILLERS = ("repeat", "text")
+PASSKEY_LOSSES = ("all", "key")
 IMAGE_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -61,6 +62,9 @@ class DataArgs:
     # over: only the number is left to learn) or `text` (sentences of data.path, or pydoc).
     passkey_digits: int = 5
     passkey_filler: str = "repeat"  # repeat | text
+    # all: every next token is a target; key: only the digits a model can find by looking back
+    # (the key's repeat in the hidden sentence and the answer), so all the loss is retrieval.
+    passkey_loss: str = "all"  # all | key
 
     # Packing
     reset_positions: bool = True  # positions restart at 0 for every document in a row
@@ -147,6 +151,8 @@ class DataArgs:
             raise ValueError(f"data.passkey_digits={self.passkey_digits} must be between 1 and 18")
         if self.passkey_filler not in PASSKEY_FILLERS:
             raise ValueError(f"data.passkey_filler={self.passkey_filler!r} is not one of {', '.join(PASSKEY_FILLERS)}")
+        if self.passkey_loss not in PASSKEY_LOSSES:
+            raise ValueError(f"data.passkey_loss={self.passkey_loss!r} is not one of {', '.join(PASSKEY_LOSSES)}")
         if self.image_dtype not in IMAGE_DTYPES:
             raise ValueError(f"data.image_dtype={self.image_dtype!r}: use {', '.join(IMAGE_DTYPES)}")
         return self

@@ -6,8 +6,13 @@ back it is, so accuracy by document length shows what a long-context phase bough
 One document, byte-level tokens (as data/text.py), `depth` the fraction of the filler before
 the hidden sentence:
 
-    <|begin_of_text|> filler... The pass key is 48213. Remember it. 48213 is the pass key. filler...
-    What is the pass key? The pass key is 48213.<|end_of_text|>
+    <|begin_of_text|> filler... The pass key is #48213. Remember it. #48213 is the pass key. filler...
+    What is the pass key? The pass key is #48213.<|end_of_text|>
+
+The key follows a marker byte (`#`) that the filler never contains (it is removed from text
+filler), so finding it takes one previous-token match, which a model of a few layers reading
+bytes can learn in minutes on a CPU. Without it, "key is " must be told apart from "sky is " by
+a six-byte match, and the tiny model stayed at chance for 2.6M tokens (docs/long_context.md).
 
 Every row of seq_len holds one document of a length drawn uniformly from the shortest possible
 up to seq_len, and a second document in the rest of the row when it fits (else padding), so
@@ -22,19 +27,21 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from data.args import PASSKEY_FILLERS
+from data.args import PASSKEY_FILLERS, PASSKEY_LOSSES
 from data.specials import special_token_id
 from data.text import read_documents
 
 IGNORE_INDEX = -100  # as data.tokenizer's, without its imports
 PAD_DOC_ID = -1  # as data.packing's: padding belongs to no document
+KEY_MARK = "#"  # precedes the key everywhere, and nowhere in the filler
 REPEAT_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-QUESTION = "What is the pass key? The pass key is "
+KEY_INTRO = "The pass key is " + KEY_MARK
+QUESTION = "What is the pass key? " + KEY_INTRO
 _LONGEST_PIECE = 120  # bytes: text filler is cut into pieces no longer, so depth lands within a piece
 
 
 def hidden_sentence(key: str) -> str:
-    return f"The pass key is {key}. Remember it. {key} is the pass key. "
+    return f"{KEY_INTRO}{key}. Remember it. {KEY_MARK}{key} is the pass key. "
 
 
 def min_document_length(digits: int) -> int:
@@ -48,12 +55,22 @@ class PasskeyDocument:
     key: str  # the digits
     key_start: int  # index in tokens of the hidden sentence's first digit
     answer_start: int  # index in tokens of the answer's first digit; the logits at answer_start - 1 predict it
+    repeat_start: int = -1  # index in tokens of the first digit of the key's repeat in the hidden sentence
 
     @property
     def targets(self) -> np.ndarray:
         """The next token at every position; -100 at the last (the end of the document)."""
         out = np.full_like(self.tokens, IGNORE_INDEX)
         out[:-1] = self.tokens[1:]
+        return out
+
+    @property
+    def key_targets(self) -> np.ndarray:
+        """The targets that only retrieval predicts: the digits of the key's repeat and of the
+        answer; -100 everywhere else (the filler, the sentences, the key's first, unguessable, digits)."""
+        out = np.full_like(self.tokens, IGNORE_INDEX)
+        for start in (self.repeat_start, self.answer_start):
+            out[start - 1: start - 1 + len(self.key)] = self.tokens[start: start + len(self.key)]
         return out
 
 
@@ -68,7 +85,7 @@ class Filler:
             pieces = re.findall(r"[^.]*\. ", REPEAT_FILLER)
             pieces *= longest // len(REPEAT_FILLER) + 2
         else:
-            text = re.sub(r"\s+", " ", " ".join(read_documents(path))).strip()
+            text = re.sub(r"\s+", " ", " ".join(read_documents(path)).replace(KEY_MARK, "")).strip()
             pieces = [p for s in re.split(r"(?<=[.!?]) ", text) for p in _split_long(s + " ")]
         self.text = "".join(pieces).encode("utf-8")
         self.starts = np.cumsum([0] + [len(p.encode("utf-8")) for p in pieces])  # piece boundaries, and the end
@@ -110,12 +127,13 @@ def make_document(rng: np.random.Generator, length: int, depth: float, digits: i
     key = str(rng.integers(10 ** (digits - 1), 10 ** digits)) if digits > 1 else str(rng.integers(1, 10))
     before, after = filler.take(rng, length - min_document_length(digits), depth)
     hidden = hidden_sentence(key).encode()
-    head = before + hidden[: len("The pass key is ")]
-    body = head + hidden[len("The pass key is "):] + after + QUESTION.encode()
+    head = before + hidden[: len(KEY_INTRO)]
+    body = head + hidden[len(KEY_INTRO):] + after + QUESTION.encode()
     text = body + (key + ".").encode()
     bos, eos = special_token_id("begin_of_text", vocab_size), special_token_id("end_of_text", vocab_size)
     tokens = np.concatenate([[bos], np.frombuffer(text, dtype=np.uint8), [eos]]).astype(np.int64)
-    return PasskeyDocument(tokens, key, key_start=1 + len(head), answer_start=1 + len(body))
+    repeat = 1 + len(head) + hidden[len(KEY_INTRO):].index(KEY_MARK.encode()) + 1
+    return PasskeyDocument(tokens, key, key_start=1 + len(head), answer_start=1 + len(body), repeat_start=repeat)
 
 
 class PasskeyBatches:
@@ -125,7 +143,7 @@ class PasskeyBatches:
     `path` is the filler text of `filler="text"`."""
 
     def __init__(self, path: str | None, seq_len: int, batch_size: int, vocab_size: int, rank: int = 0,
-                 world_size: int = 1, seed: int = 0, digits: int = 5, filler: str = "repeat"):
+                 world_size: int = 1, seed: int = 0, digits: int = 5, filler: str = "repeat", loss: str = "all"):
         if not 1 <= digits <= 18:
             raise ValueError(f"data.passkey_digits={digits} must be between 1 and 18")
         self.min_length = min_document_length(digits)
@@ -135,7 +153,10 @@ class PasskeyBatches:
         if batch_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"batch_size={batch_size}, rank={rank}, world_size={world_size}: need batch_size >= 1 "
                              "and 0 <= rank < world_size")
+        if loss not in PASSKEY_LOSSES:
+            raise ValueError(f"data.passkey_loss={loss!r} is not one of {', '.join(PASSKEY_LOSSES)}")
         self.filler = Filler(filler, path, seq_len)
+        self.loss = loss
         self.seq_len, self.batch_size, self.vocab_size = seq_len, batch_size, vocab_size
         self.rank, self.seed, self.digits = rank, seed, digits
         self.global_batch = batch_size * world_size
@@ -165,7 +186,7 @@ class PasskeyBatches:
         t = 0
         for i, doc in enumerate(self.documents_of_row(index)):
             n = len(doc.tokens)
-            tokens[t: t + n], labels[t: t + n] = doc.tokens, doc.targets
+            tokens[t: t + n], labels[t: t + n] = doc.tokens, doc.targets if self.loss == "all" else doc.key_targets
             positions[t: t + n], doc_ids[t: t + n] = np.arange(n), i
             t += n
         return {k: torch.from_numpy(v) for k, v in

@@ -20,7 +20,8 @@ def build_data(args: DataArgs, model: ModelArgs, seq_len: int, batch_size: int, 
         return TextBatches(args.path, seq_len, batch_size, model.vocab_size, rank, world_size, seed)
     if args.kind == "passkey":
         return PasskeyBatches(args.path, seq_len, batch_size, model.vocab_size, rank, world_size, seed,
-                              digits=args.passkey_digits, filler=args.passkey_filler)
+                              digits=args.passkey_digits, filler=args.passkey_filler,
+                              loss=args.passkey_loss)
     from data import MultimodalLoader
 
     loader = MultimodalLoader(args, rank=rank, world_size=world_size, batch_size=batch_size, seq_len=seq_len,

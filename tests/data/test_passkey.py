@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from data.args import DataArgs
-from data.passkey import QUESTION, Filler, PasskeyBatches, make_document, min_document_length
+from data.passkey import KEY_MARK, QUESTION, Filler, PasskeyBatches, make_document, min_document_length
 from data.specials import special_token_id
 
 VOCAB = 4352
@@ -58,6 +58,32 @@ def test_the_pass_key_is_where_the_labels_say():
         share = (doc.key_start - 1) / (4096 - min_document_length(5))
         assert abs(share - depth) < 0.01
     assert any(len(data.documents_of_row(i)) == 2 for i in range(20))  # short documents share a row
+
+
+def test_key_loss_scores_only_what_retrieval_predicts(tmp_path):
+    """passkey_loss=key: the labels are the key's digits at its repeat and at the answer, nothing
+    else; the marker byte before the key is in no filler, text filler included."""
+    digits = 3
+    full = PasskeyBatches(None, 512, 2, VOCAB, seed=4, digits=digits)
+    keyed = PasskeyBatches(None, 512, 2, VOCAB, seed=4, digits=digits, loss="key")
+    x, y = next(full), next(keyed)
+    assert torch.equal(x["tokens"], y["tokens"])
+    for r in range(2):
+        docs = full.documents_of_row(r)
+        scored = (y["labels"][r] != -100).nonzero().flatten()
+        assert len(scored) == 2 * digits * len(docs)
+        assert torch.equal(y["labels"][r, scored], x["labels"][r, scored])  # the same targets where scored
+        assert all(chr(c).isdigit() for c in y["labels"][r, scored].tolist())  # digits, predicted from
+        assert all(c == ord(KEY_MARK) or chr(c).isdigit() for c in y["tokens"][r, scored].tolist())  # # or a digit
+        for doc in docs:  # each scored digit follows the marker within the key's length
+            for start in (doc.repeat_start, doc.answer_start):
+                assert doc.tokens[start - 1] == ord(KEY_MARK)
+                assert bytes(doc.tokens[start: start + digits].astype(np.uint8)).decode() == doc.key
+    (tmp_path / "text.txt").write_text("Comments # like this one. " * 200)
+    for kind, path in (("repeat", None), ("text", str(tmp_path / "text.txt")), ("text", None)):
+        assert KEY_MARK.encode() not in Filler(kind, path, 256).text
+    with pytest.raises(ValueError, match="data.passkey_loss='answer'"):
+        DataArgs(kind="passkey", passkey_loss="answer").validate()
 
 
 def test_ranks_partition_the_global_batch():

@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.join(ROOT, "launch"))
 
 import eval_long
 
-from data.passkey import QUESTION, Filler
+from data.passkey import KEY_INTRO, QUESTION, Filler
 
 VOCAB = 4352
 ASK = list(QUESTION.encode())
@@ -30,7 +30,7 @@ def copier(shift: int = 0, last_wrong: bool = False):
         B, T = tokens.shape
         logits = torch.zeros(B, T, VOCAB)
         for b, row in enumerate(tokens.tolist()):
-            key = bytes(t for t in row if t < 256).decode().split("The pass key is ")[1].split(".")[0]
+            key = bytes(t for t in row if t < 256).decode().split(KEY_INTRO)[1].split(".")[0]
             if last_wrong:
                 key = key[:-1] + str((int(key[-1]) + 1) % 10)
             for t in range(T):
