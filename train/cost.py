@@ -5,9 +5,11 @@ herd supports that launch/plan.py prints.
 The model of a step (one GPU's view, per optimizer step):
 - compute: train/metrics.flops_per_token x the GPU's tokens, at `GEMM_EFFICIENCY` of the GPU's
   dense bf16 peak (x 1.15 for recomputation with activation checkpointing);
-- FSDP: each block's weights all-gathered in forward and again in backward (param dtype), its
-  gradients reduce-scattered (reduce dtype, fp32), each moving (n - 1) / n of the block; routed
-  experts only among the dp_shard / ep ranks that hold the same 1 / ep of them;
+- FSDP: each block's weights all-gathered in forward and again in backward (param dtype), the
+  root's (embeddings, output, final norm, vision encoder) once, as they stay gathered from
+  forward to backward; gradients reduce-scattered (reduce dtype, fp32); each moving (n - 1) / n
+  of its unit; routed experts only among the dp_shard / ep ranks that hold the same 1 / ep of
+  them;
 - expert parallelism: routed tokens (top_k x dim) all-to-all to their expert and back, in
   forward and backward (4 exchanges a MoE layer), (ep - 1) / ep of them leaving the GPU;
 - context parallelism: per layer, the K/V a rank receives (at most the all-gather's
@@ -97,12 +99,14 @@ def step_cost(args: ModelArgs, layout: Layout, gpu: str, gpus_per_node: int = 8)
     link = lambda group: spec.nvlink if group <= gpus_per_node else spec.network  # noqa: E731
     memory = estimate_memory(args, layout, "cuda")
     n = layout.dp_shard
-    n_params, _, _, _, routed = model_sizes(args)
+    n_params, _, _, _, routed, blocks = model_sizes(args)
     # Dense weights are gathered from all dp_shard ranks; a rank's experts (1/ep of them) only
-    # from the dp_shard / ep ranks that shard them.
+    # from the dp_shard / ep ranks that shard them. Blocks reshard after forward and are gathered
+    # again for backward; the root unit is not.
     m = n // layout.ep
-    per_gpu = (n_params - routed) * (n - 1) / n + routed / layout.ep * (m - 1) / m
-    gathers = 2 * per_gpu * layout.param_bytes  # forward and backward
+    root = (n_params - blocks) * (n - 1) / n
+    per_gpu = (blocks - routed) * (n - 1) / n + routed / layout.ep * (m - 1) / m + root
+    gathers = (2 * per_gpu - root) * layout.param_bytes
     reduces = per_gpu * 4
     out = {"fsdp all-gather": gathers, "fsdp reduce-scatter": reduces}
     moe_layers = sum(args.is_moe_layer(i) for i in range(args.n_layers))

@@ -70,10 +70,10 @@ def gib(n: float) -> str:
 _SIZES: dict[str, tuple[int, int, int, int, int]] = {}
 
 
-def model_sizes(args: ModelArgs) -> tuple[int, int, int, int, int]:
+def model_sizes(args: ModelArgs) -> tuple[int, int, int, int, int, int]:
     """(all parameters, the largest block's dense parameters, its routed-expert parameters, root
-    parameters, all routed-expert parameters), from a meta-device build, remembered per config
-    (plans ask many times)."""
+    parameters, all routed-expert parameters, all decoder-block parameters), from a meta-device
+    build, remembered per config (plans ask many times)."""
     key = repr(args)
     if key not in _SIZES:
         with torch.device("meta"):
@@ -85,7 +85,8 @@ def model_sizes(args: ModelArgs) -> tuple[int, int, int, int, int]:
             dense, experts = max(dense, d), max(experts, e)
         root = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(("layers.", "vision.")))
         routed = sum(p.numel() for n, p in model.named_parameters() if ".experts." in f".{n}")
-        _SIZES[key] = (sum(p.numel() for p in model.parameters()), dense, experts, root, routed)
+        blocks = sum(p.numel() for p in model.layers.parameters())
+        _SIZES[key] = (sum(p.numel() for p in model.parameters()), dense, experts, root, routed, blocks)
     return _SIZES[key]
 
 
@@ -104,7 +105,7 @@ def activation_elements_per_token(args: ModelArgs) -> int:
 def estimate_memory(args: ModelArgs, layout: Layout, device_type: str = "cuda") -> MemoryEstimate:
     from .build import FULL_INIT_MAX_PARAMS
 
-    n_params, dense, experts, root, _ = model_sizes(args)
+    n_params, dense, experts, root, _, _ = model_sizes(args)
     sharded = 16 * n_params // layout.dp_shard
     gathered = 0
     if layout.world_size > 1:

@@ -54,6 +54,89 @@ def test_sharded_state_matches_two_real_ranks(extra):
         assert abs(bytes_on_rank - predicted) <= 0.10 * predicted, (measured, predicted)
 
 
+def _collective_bytes_on_ranks(overrides, batch_size, seq_len):
+    """Bytes this rank sent or received in one forward and backward, by collective, counted at
+    the calls FSDP2 and herd's expert dispatch make: an all-gather brings the other ranks' shards
+    (output - input), a reduce-scatter sends all but this rank's part (input - output), an
+    all-to-all sends the rows that go to the other rank."""
+    import inspect
+
+    import torch.distributed as dist
+
+    import parallel.expert as expert
+    from parallel import build_mesh, init_distributed
+    from train.build import build_parallel_model
+    from train.config import model_args
+
+    counted = {"fsdp all-gather": 0, "fsdp reduce-scatter": 0, "ep all-to-all": 0}
+    inside = []  # a collective that calls another (all_gather_single -> all_gather_into_tensor) counts once
+
+    def counting(kind, fn, sign):
+        names = list(inspect.signature(fn).parameters)
+
+        def call(*args, **kwargs):
+            named = {**dict(zip(names, args)), **kwargs}
+            out, inp = (named[n] for n in names[:2])
+            if not inside:
+                counted[kind] += sign * (out.numel() - inp.numel()) * out.element_size()
+            inside.append(kind)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                inside.pop()
+        return call
+
+    # FSDP2 calls these through the torch.distributed module (torch 2.13: the *_single forms)
+    patched = {name: getattr(dist, name) for name in ("all_gather_single", "all_gather_into_tensor",
+                                                      "reduce_scatter_single", "reduce_scatter_tensor")
+               if hasattr(dist, name)}
+    all_to_all = expert._all_to_all_start
+
+    def counting_all_to_all(x, recv, send, group):
+        if x.is_floating_point() and sum(send):  # the token rows; not the per-expert counts
+            counted["ep all-to-all"] += (sum(send) - send[dist.get_rank()]) * x[0].numel() * x.element_size()
+        return all_to_all(x, recv, send, group)
+
+    cfg = compose(overrides)
+    args, p = model_args(cfg), cfg.parallel
+    env = init_distributed("cpu")
+    meshes = build_mesh(env, p.dp_shard, p.dp_replicate, p.ep, args.n_experts, p.cp)
+    model = build_parallel_model(args, 0, p, env, meshes)
+    torch.manual_seed(dist.get_rank())
+    tokens = torch.randint(0, args.vocab_size, (batch_size, seq_len))
+    for name, fn in patched.items():
+        gather = name.startswith("all_gather")
+        setattr(dist, name, counting("fsdp all-gather" if gather else "fsdp reduce-scatter", fn, 1 if gather else -1))
+    expert._all_to_all_start = counting_all_to_all
+    try:
+        model(tokens).float().pow(2).mean().backward()
+    finally:
+        for name, fn in patched.items():
+            setattr(dist, name, fn)
+        expert._all_to_all_start = all_to_all
+    return counted
+
+
+@pytest.mark.parametrize("extra", [[], ["parallel.ep=2"]], ids=["fsdp", "fsdp-ep"])
+def test_communication_matches_bytes_counted_in_a_real_step(extra):
+    """The planner's bytes per collective (train/cost.py) against the bytes two gloo ranks move in
+    one forward and backward of the tiny model (fp32), counted at the collective calls: FSDP's
+    within 10% (they depend only on shapes), the expert all-to-all within 25% (the planner
+    assumes routing sends (ep - 1) / ep of the tokens away; a fresh router is near that)."""
+    from train.cost import step_cost
+    from train.memory import Layout
+
+    overrides = ["+model=tiny", "model.vision.enabled=false", *extra]
+    measured = run_ranks(_collective_bytes_on_ranks, 2, overrides, 2, 128)
+    layout = Layout(2, 2, ep=2 if extra else 1, seq_len=128, batch_size=2, param_bytes=4, activation_bytes=4)
+    predicted = step_cost(_args(overrides), layout, "h100").bytes
+    assert set(predicted) == {k for k, v in measured[0].items() if v}, (predicted, measured)
+    for counted in measured:
+        for kind, want in predicted.items():
+            tolerance = 0.25 if kind == "ep all-to-all" else 0.10
+            assert abs(counted[kind] - want) <= tolerance * want, (kind, counted[kind], want)
+
+
 def test_activation_estimate_matches_a_measured_step():
     """One step of the tiny model on an 8192-token packed row (fp32, one process): the peak RSS
     of the step against the estimate of activations and logits."""
