@@ -40,6 +40,13 @@ def test_presets_and_command_line_phases():
     pre, long = resolve(["+model=scout", "+phase=llama4", "phases.1.data.urls=/long"])
     assert (pre.seq_len, long.seq_len, long.data.resolved_sources()[0].urls) == (8192, 262144, "/long")
     assert [p.name for p in resolve(["+model=tiny"])] == ["train"]  # no phases: one made of train.*
+    for preset in ("tiny_passkey", "tiny_passkey_rope"):
+        short, long = resolve(["+model=tiny", f"+phase={preset}"])
+        assert (short.end, short.seq_len, long.end, long.seq_len) == (1000, 256, 1200, 4096)
+        assert (long.data.kind, long.data.passkey_loss) == ("passkey", "key")
+    from train.config import model_args
+    rope = model_args(compose(["+model=tiny", "+phase=tiny_passkey_rope"]))
+    assert (rope.nope_layer_interval, rope.attention_chunk_size) == (0, None)  # RoPE in every layer
 
 
 @pytest.mark.parametrize("override,message", [
