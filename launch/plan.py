@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model import ModelArgs, Transformer  # noqa: E402
 from model.params import count_parameters  # noqa: E402
 from train.config import model_args, register_configs, validate  # noqa: E402
-from train.cost import search_layouts, step_cost  # noqa: E402
+from train.cost import matmul_flops, search_layouts, step_cost  # noqa: E402
 from train.memory import GPUS, estimate_memory, fsdp_ranks_needed, gib, layout_of  # noqa: E402
 
 register_configs()
@@ -66,6 +66,8 @@ def plan_cluster(cfg, preset: str = "<preset>") -> bool:
         print(estimate.table())
         cost = step_cost(phase.model, layout, cfg.plan.gpu)
         print(describe(cost))
+        if cfg.plan.trace:
+            print(traced(phase.model, layout, cfg.parallel, estimate, cost))
         if estimate.total > size:
             fits = False
             print(f"  does not fit; the largest parts: {', '.join(advice(estimate, layout, size, phase.model))}")
@@ -96,6 +98,28 @@ def describe(cost) -> str:
     return (f"  per micro-batch: {cost.flops / 1e12:,.1f} TFLOP; {comm}\n"
             f"  predicted: compute {cost.compute_s:.2f} s, communication {cost.comm_s:.2f} s, step {cost.step_s:.2f} s, "
             f"{cost.tokens_per_s:,.0f} tokens/s per GPU, MFU {cost.mfu:.1%} (train/cost.py's model)")
+
+
+def traced(args: ModelArgs, layout, parallel, estimate, cost) -> str:
+    """One step of the real code at this layout (train/trace.py), beside the estimate."""
+    from train.trace import trace_step
+
+    if layout.cp > 1:
+        return "  trace: not run (context parallelism is not traced); the estimate stands"
+    t = trace_step(args, layout, parallel)
+    ratio = lambda a, b: f"{a / b:.3f}x" if b else "-"  # noqa: E731
+    lines = [f"  traced: one step of herd's code on {layout.world_size} fake ranks, rank 0's view ({t.seconds:.0f} s):",
+             f"    parameters, gradients, AdamW state  {gib(t.sharded_state):>10}   estimate {gib(estimate.sharded_state)}"
+             f" ({ratio(t.sharded_state, estimate.sharded_state)})"]
+    mm = matmul_flops(args, layout)
+    lines.append(f"    matmul FLOPs                        {t.flops / 1e12:>7,.1f} T   estimate {mm / 1e12:,.1f} T"
+                 f" ({ratio(t.flops, mm)}; attention kernels are not counted on this path)")
+    for kind in sorted(set(t.bytes) | set(cost.bytes)):
+        got, want = t.bytes.get(kind, 0), cost.bytes.get(kind, 0)
+        lines.append(f"    {kind:<35} {gib(got):>10}   estimate {gib(want)} ({ratio(got, want)})")
+    if args.vision.enabled:
+        lines.append("    (a text-only batch: the vision encoder's gradient is not reduce-scattered in the trace)")
+    return "\n".join(lines)
 
 
 def advice(estimate, layout, size: int, args: ModelArgs) -> list[str]:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
@@ -185,7 +186,10 @@ class AllToAllDispatcher(TokenDispatcher):
         # 1. Row counts: recv_counts[i, l] = rows rank i sends for this rank's local expert l.
         recv_counts = _wait(_all_to_all_start(counts, [n_local] * ep, [n_local] * ep, self.group_name))
         recv_counts = recv_counts.view(ep, n_local)
-        send, recv = torch.stack((counts.view(ep, n_local).sum(1), recv_counts.sum(1))).tolist()  # one host sync
+        if is_fake(counts):  # a planned step (train/trace.py): no data to route by, rows go out evenly
+            send = recv = [len(tokens) // ep + (j < len(tokens) % ep) for j in range(ep)]
+        else:
+            send, recv = torch.stack((counts.view(ep, n_local).sum(1), recv_counts.sum(1))).tolist()  # one host sync
         # 2. The rows themselves, left in flight.
         ex, record = self._exchange(send, recv, recv_counts)
         return _Handle(_SendRows.apply(tokens, ex), ex, recv_counts, record)

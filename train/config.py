@@ -123,6 +123,9 @@ class PlanConfig:
 
     gpus: int = 0  # plan the run for this many GPUs (0: count parameters only)
     gpu: str = "h100"  # h100 | h200 | b200: the memory per GPU (train/memory.py GPUS)
+    # Also run one step of the real code at plan.gpus ranks in this process (fake process group,
+    # fake tensors; train/trace.py) and print what it counted beside the estimate.
+    trace: bool = False
 
 
 @dataclass

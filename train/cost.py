@@ -86,6 +86,14 @@ def _active_no_embedding(args: ModelArgs) -> int:
     return _ACTIVE[key]
 
 
+def matmul_flops(args: ModelArgs, layout: Layout) -> float:
+    """The matmul part of a micro-batch's FLOPs per GPU (6 x active parameters without the
+    embedding, per token), with activation checkpointing's second forward: what a traced step
+    (train/trace.py) counts, attention scores aside."""
+    tokens = layout.batch_size * layout.seq_len // layout.cp
+    return 6 * _active_no_embedding(args) * tokens * (4 / 3 if layout.activation_checkpointing else 1)
+
+
 def step_cost(args: ModelArgs, layout: Layout, gpu: str, gpus_per_node: int = 8) -> StepCost:
     spec = SPECS[gpu]
     tokens = layout.batch_size * layout.seq_len // layout.cp

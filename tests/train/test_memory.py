@@ -56,46 +56,13 @@ def test_sharded_state_matches_two_real_ranks(extra):
 
 def _collective_bytes_on_ranks(overrides, batch_size, seq_len):
     """Bytes this rank sent or received in one forward and backward, by collective, counted at
-    the calls FSDP2 and herd's expert dispatch make: an all-gather brings the other ranks' shards
-    (output - input), a reduce-scatter sends all but this rank's part (input - output), an
-    all-to-all sends the rows that go to the other rank."""
-    import inspect
-
+    the calls FSDP2 and herd's expert dispatch make (train.trace.count_collectives)."""
     import torch.distributed as dist
 
-    import parallel.expert as expert
     from parallel import build_mesh, init_distributed
     from train.build import build_parallel_model
     from train.config import model_args
-
-    counted = {"fsdp all-gather": 0, "fsdp reduce-scatter": 0, "ep all-to-all": 0}
-    inside = []  # a collective that calls another (all_gather_single -> all_gather_into_tensor) counts once
-
-    def counting(kind, fn, sign):
-        names = list(inspect.signature(fn).parameters)
-
-        def call(*args, **kwargs):
-            named = {**dict(zip(names, args)), **kwargs}
-            out, inp = (named[n] for n in names[:2])
-            if not inside:
-                counted[kind] += sign * (out.numel() - inp.numel()) * out.element_size()
-            inside.append(kind)
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                inside.pop()
-        return call
-
-    # FSDP2 calls these through the torch.distributed module (torch 2.13: the *_single forms)
-    patched = {name: getattr(dist, name) for name in ("all_gather_single", "all_gather_into_tensor",
-                                                      "reduce_scatter_single", "reduce_scatter_tensor")
-               if hasattr(dist, name)}
-    all_to_all = expert._all_to_all_start
-
-    def counting_all_to_all(x, recv, send, group):
-        if x.is_floating_point() and sum(send):  # the token rows; not the per-expert counts
-            counted["ep all-to-all"] += (sum(send) - send[dist.get_rank()]) * x[0].numel() * x.element_size()
-        return all_to_all(x, recv, send, group)
+    from train.trace import count_collectives
 
     cfg = compose(overrides)
     args, p = model_args(cfg), cfg.parallel
@@ -104,16 +71,8 @@ def _collective_bytes_on_ranks(overrides, batch_size, seq_len):
     model = build_parallel_model(args, 0, p, env, meshes)
     torch.manual_seed(dist.get_rank())
     tokens = torch.randint(0, args.vocab_size, (batch_size, seq_len))
-    for name, fn in patched.items():
-        gather = name.startswith("all_gather")
-        setattr(dist, name, counting("fsdp all-gather" if gather else "fsdp reduce-scatter", fn, 1 if gather else -1))
-    expert._all_to_all_start = counting_all_to_all
-    try:
+    with count_collectives(dist.get_rank()) as counted:  # the ep group is the whole world here
         model(tokens).float().pow(2).mean().backward()
-    finally:
-        for name, fn in patched.items():
-            setattr(dist, name, fn)
-        expert._all_to_all_start = all_to_all
     return counted
 
 
@@ -135,6 +94,38 @@ def test_communication_matches_bytes_counted_in_a_real_step(extra):
         for kind, want in predicted.items():
             tolerance = 0.25 if kind == "ep all-to-all" else 0.10
             assert abs(counted[kind] - want) <= tolerance * want, (kind, counted[kind], want)
+
+
+@pytest.mark.parametrize("extra", [[], ["parallel.ep=2"]], ids=["fsdp", "fsdp-ep"])
+def test_a_traced_step_counts_what_a_real_one_does(extra):
+    """train/trace.py runs herd's real wrapping and one forward and backward at 2 ranks in this
+    process (fake process group, fake tensors): its parameter shards, FSDP bytes and matmul FLOPs
+    are those of the real 2-rank run and of the estimate; its expert all-to-all sends rows evenly,
+    as the estimate assumes."""
+    from train.cost import matmul_flops, step_cost
+    from train.memory import Layout, estimate_memory
+    from train.trace import trace_step
+
+    overrides = ["+model=tiny", "model.vision.enabled=false", *extra]
+    cfg, args = compose(overrides), _args(overrides)
+    layout = Layout(2, 2, ep=2 if extra else 1, seq_len=128, batch_size=2, param_bytes=4, activation_bytes=4)
+    trace = trace_step(args, layout, cfg.parallel)
+    real = run_ranks(_collective_bytes_on_ranks, 2, overrides, 2, 128)[0]
+    for kind in ("fsdp all-gather", "fsdp reduce-scatter"):
+        assert trace.bytes[kind] == real[kind], (kind, trace.bytes, real)
+    assert trace.bytes.get("ep all-to-all", 0) == step_cost(args, layout, "h100").bytes.get("ep all-to-all", 0)
+    assert trace.sharded_state == estimate_memory(args, layout, "cpu").sharded_state
+    assert trace.flops == pytest.approx(matmul_flops(args, layout), rel=0.05)
+    assert not torch.distributed.is_initialized()  # its fake process group is gone
+
+
+def test_plan_trace_prints_the_real_step_beside_the_estimate(capsys):
+    out = _plan(["+model=tiny", "plan.gpus=8", "parallel.ep=2", "parallel.activation_checkpointing=true",
+                 "plan.trace=true"], capsys)
+    assert "traced: one step of herd's code on 8 fake ranks" in out
+    for line in ("parameters, gradients, AdamW state", "matmul FLOPs", "fsdp all-gather", "ep all-to-all"):
+        assert line in out.split("traced:")[1], line
+    assert "(1.000x)" in out.split("traced:")[1]
 
 
 def test_activation_estimate_matches_a_measured_step():
