@@ -107,10 +107,13 @@ def traced(args: ModelArgs, layout, parallel, estimate, cost) -> str:
     if layout.cp > 1:
         return "  trace: not run (context parallelism is not traced); the estimate stands"
     t = trace_step(args, layout, parallel)
-    ratio = lambda a, b: f"{a / b:.3f}x" if b else "-"  # noqa: E731
+    def ratio(a, b) -> str:
+        return f"{a / b:.3f}x" if b else "-"
+
+    state = (f"    parameters, gradients, AdamW state  {gib(t.sharded_state):>10}   estimate "
+             f"{gib(estimate.sharded_state)} ({ratio(t.sharded_state, estimate.sharded_state)})")
     lines = [f"  traced: one step of herd's code on {layout.world_size} fake ranks, rank 0's view ({t.seconds:.0f} s):",
-             f"    parameters, gradients, AdamW state  {gib(t.sharded_state):>10}   estimate {gib(estimate.sharded_state)}"
-             f" ({ratio(t.sharded_state, estimate.sharded_state)})"]
+             state]
     mm = matmul_flops(args, layout)
     lines.append(f"    matmul FLOPs                        {t.flops / 1e12:>7,.1f} T   estimate {mm / 1e12:,.1f} T"
                  f" ({ratio(t.flops, mm)}; attention kernels are not counted on this path)")

@@ -57,7 +57,7 @@ def count_collectives(rank: int):
     ranks (`rank` is this rank's index in its ep group). Wraps the torch.distributed functions
     FSDP2 calls (torch 2.13: the *_single forms; a call that makes another counts once) and
     parallel.expert's all-to-all."""
-    import parallel.expert as expert
+    from parallel import expert
 
     counted = dict.fromkeys(COLLECTIVES, 0)
     inside = []
@@ -137,8 +137,7 @@ def trace_step(args: ModelArgs, layout: Layout, parallel) -> Trace:
         for module in model.modules():  # fake tensors carry no per-expert row counts to group by
             if isinstance(module, GroupedExperts):
                 module.grouped_mm = _shape_only_grouped_mm
-        local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731
-        param_bytes = sum(local(p).numel() * 4 for p in model.parameters())
+        param_bytes = sum((p.to_local() if hasattr(p, "to_local") else p).numel() * 4 for p in model.parameters())
         with FakeTensorMode(allow_non_fake_inputs=True):
             model.to_empty(device="cpu")
             tokens = torch.zeros(layout.batch_size, layout.seq_len, dtype=torch.long)
