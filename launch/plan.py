@@ -120,8 +120,15 @@ def traced(args: ModelArgs, layout, parallel, estimate, cost) -> str:
     for kind in sorted(set(t.bytes) | set(cost.bytes)):
         got, want = t.bytes.get(kind, 0), cost.bytes.get(kind, 0)
         lines.append(f"    {kind:<35} {gib(got):>10}   estimate {gib(want)} ({ratio(got, want)})")
-    if args.vision.enabled:
-        lines.append("    (a text-only batch: the vision encoder's gradient is not reduce-scattered in the trace)")
+    if t.peak:
+        p = t.peak
+        lines.append(f"    peak memory (FSDPMemTracker)        {gib(p['total']):>10}   estimate {gib(estimate.total)}"
+                     f" ({ratio(p['total'], estimate.total)}; not yet reconciled, docs/scale.md)")
+        parts = {"parameters": p.get("sharded_param", 0) + p.get("unsharded_param", 0) + p.get("buffer", 0),
+                 "gradients": p.get("sharded_grad", 0) + p.get("unsharded_grad", 0), "optimizer": p.get("opt", 0),
+                 "activations": p.get("act", 0), "temporaries (logits, loss)": p.get("temp", 0),
+                 "collective buffers": p.get("all_gather", 0) + p.get("reduce_scatter", 0)}
+        lines.append("      at the peak: " + ", ".join(f"{name} {gib(b)}" for name, b in parts.items()))
     return "\n".join(lines)
 
 

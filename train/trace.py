@@ -13,9 +13,10 @@ data. Counted, for rank 0:
 - the bytes of every FSDP all-gather and reduce-scatter and every expert all-to-all, counted at
   the calls (`count_collectives`), as tests/train/test_memory.py counts them in a real run.
 Routing has no data under fake tensors, so the expert dispatch sends rows evenly (the
-estimate's assumption too). Not traced: context parallelism (cp > 1) and activations'
-memory (the estimate's figure stands). The batch is text only, so a vision encoder's gradient
-is not reduce-scattered.
+estimate's assumption too). The step is the trainer's: train/loss.py's compute_loss (an empty
+image batch when the model has a vision encoder, as every text-only step gets), backward, and
+an AdamW step. Memory at the step's peak comes from torch's FSDPMemTracker, by its categories.
+Not traced: context parallelism (cp > 1).
 """
 from __future__ import annotations
 
@@ -42,6 +43,10 @@ class Trace:
     flops: float  # per micro-batch, this rank
     bytes: dict[str, int] = field(default_factory=dict)  # per micro-batch, this rank, by collective
     seconds: float = 0.0
+    # torch's FSDPMemTracker at the step's peak (forward, backward, AdamW step), by its
+    # categories (sharded and unsharded parameters and gradients, activations, temporaries,
+    # collective buffers, optimizer state); empty for one rank (no FSDP to track)
+    peak: dict[str, int] = field(default_factory=dict)
 
     @property
     def sharded_state(self) -> int:
@@ -105,11 +110,51 @@ def _shape_only_grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tenso
     return x @ w[0]
 
 
+def _no_image_rows(h: torch.Tensor, tokens: torch.Tensor, features: torch.Tensor, patch_token_id: int):
+    """scatter_image_features for a batch with no image (features of zero rows): h, with the
+    encoder still in the graph so its parameters get their (zero) gradient, as in a real step."""
+    return h + features.sum().to(h.dtype) * 0
+
+
 def trace_step(args: ModelArgs, layout: Layout, parallel) -> Trace:
     """Rank 0's view of one micro-batch of `layout` (its world size, dp_shard, ep, batch and
     seq_len, param dtype, activation checkpointing); `parallel` is the config's parallel group
-    (for the rest of parallelize_model's settings). Needs no process group of its own: it makes
-    a fake one and destroys it."""
+    (for the rest of parallelize_model's settings).
+
+    It runs in a forked child process: a fake process group leaves state behind in the process
+    that made it, even once destroyed; a real 2-rank job forked from that process afterwards
+    checkpointed only one rank's shards of every tensor."""
+    import multiprocessing as mp
+    import pickle
+    import traceback
+
+    if layout.cp > 1:
+        raise ValueError("plan.trace does not trace context parallelism (parallel.cp > 1); the estimate stands")
+    if dist.is_initialized():
+        raise RuntimeError("plan.trace makes its own fake process group; this process already has one")
+    receive, send = mp.get_context("fork").Pipe(duplex=False)
+
+    def child() -> None:
+        try:
+            result = ("ok", _trace_step(args, layout, parallel))
+        except BaseException:  # noqa: BLE001 - the parent raises it with the child's traceback
+            result = ("error", traceback.format_exc())
+        send.send_bytes(pickle.dumps(result))
+
+    proc = mp.get_context("fork").Process(target=child)
+    proc.start()
+    send.close()
+    try:
+        status, value = pickle.loads(receive.recv_bytes())
+    except EOFError:
+        status, value = "error", "the trace's process died without a result"
+    proc.join()
+    if status != "ok":
+        raise RuntimeError(f"plan.trace failed:\n{value}")
+    return value
+
+
+def _trace_step(args: ModelArgs, layout: Layout, parallel) -> Trace:
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.testing._internal.distributed.fake_pg import FakeStore
     from torch.utils.flop_counter import FlopCounterMode
@@ -118,12 +163,15 @@ def trace_step(args: ModelArgs, layout: Layout, parallel) -> Trace:
     from parallel.fsdp import parallelize_model
     from parallel.mesh import Distributed
 
-    from .build import build_model
+    import model.transformer
 
-    if layout.cp > 1:
-        raise ValueError("plan.trace does not trace context parallelism (parallel.cp > 1); the estimate stands")
-    if dist.is_initialized():
-        raise RuntimeError("plan.trace makes its own fake process group; this process already has one")
+    from .build import build_model
+    from .loss import compute_loss
+
+    # This runs in a child process of its own, so module functions can be swapped freely: a
+    # text-only batch puts no image rows in the sequence, and counting the <|patch|> slots to
+    # check that needs data.
+    model.transformer.scatter_image_features = _no_image_rows
     start = time.monotonic()
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=layout.world_size)
     try:
@@ -140,13 +188,27 @@ def trace_step(args: ModelArgs, layout: Layout, parallel) -> Trace:
         param_bytes = sum((p.to_local() if hasattr(p, "to_local") else p).numel() * 4 for p in model.parameters())
         with FakeTensorMode(allow_non_fake_inputs=True):
             model.to_empty(device="cpu")
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
             tokens = torch.zeros(layout.batch_size, layout.seq_len, dtype=torch.long)
+            tracker = contextlib.nullcontext()
+            if meshes is not None:
+                from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+
+                tracker = FSDPMemTracker(model, optimizer)
+                tracker.track_inputs((tokens,))
             ep_rank = 0  # rank 0 is the first of its ep group
-            with count_collectives(ep_rank) as counted, FlopCounterMode(display=False) as flops:
-                with torch.autocast("cpu", torch.bfloat16, enabled=layout.activation_bytes == 2):
-                    loss = model(tokens).float().mean()
-                loss.backward()
+            batch = {"tokens": tokens, "labels": torch.zeros_like(tokens)}
+            with tracker, count_collectives(ep_rank) as counted, FlopCounterMode(display=False) as flops:
+                out = compute_loss(model, batch, args, global_targets=float(tokens.numel() * layout.world_size),
+                                   world_size=layout.world_size,
+                                   autocast_dtype=torch.bfloat16 if layout.activation_bytes == 2 else None)
+                out.loss.backward()
+                optimizer.step()
+            peak = {}
+            if meshes is not None:
+                snapshot = next(iter(tracker.get_tracker_snapshot("peak").values()))
+                peak = {str(k).split(".")[-1].lower(): int(v) for k, v in snapshot.items()}
         return Trace(layout.world_size, param_bytes, float(flops.get_total_flops()),
-                     {k: v for k, v in counted.items() if v}, time.monotonic() - start)
+                     {k: v for k, v in counted.items() if v}, time.monotonic() - start, peak)
     finally:
         dist.destroy_process_group()

@@ -18,6 +18,10 @@ def _args(overrides):
     return model_args(compose(overrides))
 
 
+def _ep(extra) -> int:
+    return 2 if "parallel.ep=2" in extra else 1
+
+
 def _sharded_state_on_ranks(overrides):
     """Bytes of this rank's parameter shards, gradients and AdamW moments after one step."""
     from parallel import build_mesh, init_distributed
@@ -42,14 +46,20 @@ def _sharded_state_on_ranks(overrides):
     return total
 
 
-@pytest.mark.parametrize("extra", [[], ["parallel.ep=2"]], ids=["fsdp", "fsdp-ep"])
+# A proxy four times the tiny model's width (the MetaP width sweep's widest shapes, 33M parameters)
+WIDE = ["model.dim=512", "model.n_heads=16", "model.n_kv_heads=8", "model.ffn_hidden=1536", "model.expert_hidden=768"]
+LAYOUTS = pytest.mark.parametrize("extra", [[], ["parallel.ep=2"], ["parallel.ep=2", *WIDE]],
+                                  ids=["fsdp", "fsdp-ep", "wide-fsdp-ep"])
+
+
+@LAYOUTS
 def test_sharded_state_matches_two_real_ranks(extra):
     from train.memory import Layout, estimate_memory
 
     overrides = ["+model=tiny", "model.vision.enabled=false", *extra]
     measured = run_ranks(_sharded_state_on_ranks, 2, overrides)
     args = _args(overrides)
-    predicted = estimate_memory(args, Layout(2, 2, ep=2 if extra else 1, param_bytes=4), "cpu").sharded_state
+    predicted = estimate_memory(args, Layout(2, 2, ep=_ep(extra), param_bytes=4), "cpu").sharded_state
     for bytes_on_rank in measured:
         assert abs(bytes_on_rank - predicted) <= 0.10 * predicted, (measured, predicted)
 
@@ -76,7 +86,7 @@ def _collective_bytes_on_ranks(overrides, batch_size, seq_len):
     return counted
 
 
-@pytest.mark.parametrize("extra", [[], ["parallel.ep=2"]], ids=["fsdp", "fsdp-ep"])
+@LAYOUTS
 def test_communication_matches_bytes_counted_in_a_real_step(extra):
     """The planner's bytes per collective (train/cost.py) against the bytes two gloo ranks move in
     one forward and backward of the tiny model (fp32), counted at the collective calls: FSDP's
@@ -87,7 +97,7 @@ def test_communication_matches_bytes_counted_in_a_real_step(extra):
 
     overrides = ["+model=tiny", "model.vision.enabled=false", *extra]
     measured = run_ranks(_collective_bytes_on_ranks, 2, overrides, 2, 128)
-    layout = Layout(2, 2, ep=2 if extra else 1, seq_len=128, batch_size=2, param_bytes=4, activation_bytes=4)
+    layout = Layout(2, 2, ep=_ep(extra), seq_len=128, batch_size=2, param_bytes=4, activation_bytes=4)
     predicted = step_cost(_args(overrides), layout, "h100").bytes
     assert set(predicted) == {k for k, v in measured[0].items() if v}, (predicted, measured)
     for counted in measured:
@@ -96,7 +106,7 @@ def test_communication_matches_bytes_counted_in_a_real_step(extra):
             assert abs(counted[kind] - want) <= tolerance * want, (kind, counted[kind], want)
 
 
-@pytest.mark.parametrize("extra", [[], ["parallel.ep=2"]], ids=["fsdp", "fsdp-ep"])
+@LAYOUTS
 def test_a_traced_step_counts_what_a_real_one_does(extra):
     """train/trace.py runs herd's real wrapping and one forward and backward at 2 ranks in this
     process (fake process group, fake tensors): its parameter shards, FSDP bytes and matmul FLOPs
@@ -108,7 +118,7 @@ def test_a_traced_step_counts_what_a_real_one_does(extra):
 
     overrides = ["+model=tiny", "model.vision.enabled=false", *extra]
     cfg, args = compose(overrides), _args(overrides)
-    layout = Layout(2, 2, ep=2 if extra else 1, seq_len=128, batch_size=2, param_bytes=4, activation_bytes=4)
+    layout = Layout(2, 2, ep=_ep(extra), seq_len=128, batch_size=2, param_bytes=4, activation_bytes=4)
     trace = trace_step(args, layout, cfg.parallel)
     real = run_ranks(_collective_bytes_on_ranks, 2, overrides, 2, 128)[0]
     for kind in ("fsdp all-gather", "fsdp reduce-scatter"):
@@ -116,14 +126,18 @@ def test_a_traced_step_counts_what_a_real_one_does(extra):
     assert trace.bytes.get("ep all-to-all", 0) == step_cost(args, layout, "h100").bytes.get("ep all-to-all", 0)
     assert trace.sharded_state == estimate_memory(args, layout, "cpu").sharded_state
     assert trace.flops == pytest.approx(matmul_flops(args, layout), rel=0.05)
-    assert not torch.distributed.is_initialized()  # its fake process group is gone
+    peak = trace.peak  # FSDPMemTracker's categories at the step's peak
+    assert peak["total"] == sum(v for k, v in peak.items() if k != "total")
+    assert peak["sharded_param"] == trace.param_bytes and peak["act"] > 0
+    assert not torch.distributed.is_initialized()  # its fake process group was another process's
 
 
 def test_plan_trace_prints_the_real_step_beside_the_estimate(capsys):
     out = _plan(["+model=tiny", "plan.gpus=8", "parallel.ep=2", "parallel.activation_checkpointing=true",
                  "plan.trace=true"], capsys)
     assert "traced: one step of herd's code on 8 fake ranks" in out
-    for line in ("parameters, gradients, AdamW state", "matmul FLOPs", "fsdp all-gather", "ep all-to-all"):
+    for line in ("parameters, gradients, AdamW state", "matmul FLOPs", "fsdp all-gather", "ep all-to-all",
+                 "peak memory (FSDPMemTracker)", "at the peak: parameters"):
         assert line in out.split("traced:")[1], line
     assert "(1.000x)" in out.split("traced:")[1]
 
