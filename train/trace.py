@@ -159,11 +159,10 @@ def _trace_step(args: ModelArgs, layout: Layout, parallel) -> Trace:
     from torch.testing._internal.distributed.fake_pg import FakeStore
     from torch.utils.flop_counter import FlopCounterMode
 
+    import model.transformer
     from parallel import build_mesh
     from parallel.fsdp import parallelize_model
     from parallel.mesh import Distributed
-
-    import model.transformer
 
     from .build import build_model
     from .loss import compute_loss
