@@ -132,6 +132,47 @@ def test_a_traced_step_counts_what_a_real_one_does(extra):
     assert not torch.distributed.is_initialized()  # its fake process group was another process's
 
 
+def _tracked_peak_on_ranks(overrides, seq_len):
+    """FSDPMemTracker's categories at the peak of a real step (compute_loss, backward, AdamW)."""
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+
+    from parallel import build_mesh, init_distributed
+    from train.build import build_parallel_model
+    from train.config import model_args
+    from train.loss import compute_loss
+
+    cfg = compose(overrides)
+    args, p = model_args(cfg), cfg.parallel
+    env = init_distributed("cpu")
+    model = build_parallel_model(args, 0, p, env, build_mesh(env, 2, 1, 1, args.n_experts))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    tokens = torch.zeros(1, seq_len, dtype=torch.long)
+    tracker = FSDPMemTracker(model, optimizer)
+    tracker.track_inputs((tokens,))
+    with tracker:
+        out = compute_loss(model, {"tokens": tokens, "labels": torch.zeros_like(tokens)}, args,
+                           global_targets=2.0 * seq_len, world_size=2)
+        out.loss.backward()
+        optimizer.step()
+    snapshot = next(iter(tracker.get_tracker_snapshot("peak").values()))
+    return {str(k).split(".")[-1].lower(): int(v) for k, v in snapshot.items()}
+
+
+def test_a_traced_step_has_the_memory_of_a_real_one():
+    """The trace's peak (fake process group, fake tensors) against FSDPMemTracker on the same
+    step run for real on 2 gloo ranks: an 8-layer tiny model, whose peak is in backward."""
+    from train.memory import Layout
+    from train.trace import trace_step
+
+    overrides = ["+model=tiny", "model.vision.enabled=false", "model.n_layers=8"]
+    real = run_ranks(_tracked_peak_on_ranks, 2, overrides, 512)[0]
+    traced = trace_step(_args(overrides), Layout(2, 2, seq_len=512, batch_size=1, param_bytes=4, activation_bytes=4),
+                        compose(overrides).parallel).peak
+    assert real["act"] > 0.5 * real["total"]  # activations dominate: a peak in backward
+    for kind in ("total", "act", "temp", "sharded_param"):
+        assert traced[kind] == pytest.approx(real[kind], rel=0.02), (kind, traced, real)
+
+
 def test_plan_trace_prints_the_real_step_beside_the_estimate(capsys):
     out = _plan(["+model=tiny", "plan.gpus=8", "parallel.ep=2", "parallel.activation_checkpointing=true",
                  "plan.trace=true"], capsys)
