@@ -133,7 +133,7 @@ def test_a_traced_step_counts_what_a_real_one_does(extra):
 
 
 def _tracked_peak_on_ranks(overrides, seq_len):
-    """FSDPMemTracker's categories at the peak of a real step (compute_loss, backward, AdamW)."""
+    """FSDPMemTracker's categories at the peak of a real forward and backward (compute_loss)."""
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 
     from parallel import build_mesh, init_distributed
@@ -145,22 +145,21 @@ def _tracked_peak_on_ranks(overrides, seq_len):
     args, p = model_args(cfg), cfg.parallel
     env = init_distributed("cpu")
     model = build_parallel_model(args, 0, p, env, build_mesh(env, 2, 1, 1, args.n_experts))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     tokens = torch.zeros(1, seq_len, dtype=torch.long)
-    tracker = FSDPMemTracker(model, optimizer)
+    tracker = FSDPMemTracker(model)
     tracker.track_inputs((tokens,))
     with tracker:
         out = compute_loss(model, {"tokens": tokens, "labels": torch.zeros_like(tokens)}, args,
                            global_targets=2.0 * seq_len, world_size=2)
         out.loss.backward()
-        optimizer.step()
     snapshot = next(iter(tracker.get_tracker_snapshot("peak").values()))
     return {str(k).split(".")[-1].lower(): int(v) for k, v in snapshot.items()}
 
 
 def test_a_traced_step_has_the_memory_of_a_real_one():
     """The trace's peak (fake process group, fake tensors) against FSDPMemTracker on the same
-    step run for real on 2 gloo ranks: an 8-layer tiny model, whose peak is in backward."""
+    forward and backward run for real on 2 gloo ranks: an 8-layer tiny model, whose peak is in
+    backward; the trace adds AdamW's two fp32 moments per parameter shard."""
     from train.memory import Layout
     from train.trace import trace_step
 
@@ -169,8 +168,10 @@ def test_a_traced_step_has_the_memory_of_a_real_one():
     traced = trace_step(_args(overrides), Layout(2, 2, seq_len=512, batch_size=1, param_bytes=4, activation_bytes=4),
                         compose(overrides).parallel).peak
     assert real["act"] > 0.5 * real["total"]  # activations dominate: a peak in backward
-    for kind in ("total", "act", "temp", "sharded_param"):
+    for kind in ("act", "temp", "sharded_param", "unsharded_param"):
         assert traced[kind] == pytest.approx(real[kind], rel=0.02), (kind, traced, real)
+    assert traced["opt"] == 2 * traced["sharded_param"]  # fp32 moments, two per parameter
+    assert traced["total"] == pytest.approx(real["total"] + traced["opt"], rel=0.02)
 
 
 def test_plan_trace_prints_the_real_step_beside_the_estimate(capsys):
