@@ -106,7 +106,10 @@ def traced(args: ModelArgs, layout, parallel, estimate, cost) -> str:
 
     if layout.cp > 1:
         return "  trace: not run (context parallelism is not traced); the estimate stands"
-    t = trace_step(args, layout, parallel)
+    try:
+        t = trace_step(args, layout, parallel)
+    except RuntimeError as e:  # the trace's own failure; the estimate above stands
+        return f"  trace failed, the estimate stands: {str(e).strip().splitlines()[-1]}"
     def ratio(a, b) -> str:
         return f"{a / b:.3f}x" if b else "-"
 
