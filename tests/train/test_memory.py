@@ -106,7 +106,7 @@ def test_communication_matches_bytes_counted_in_a_real_step(extra):
             assert abs(counted[kind] - want) <= tolerance * want, (kind, counted[kind], want)
 
 
-@LAYOUTS
+@pytest.mark.parametrize("extra", [[], ["parallel.ep=2"]], ids=["fsdp", "fsdp-ep"])
 def test_a_traced_step_counts_what_a_real_one_does(extra):
     """train/trace.py runs herd's real wrapping and one forward and backward at 2 ranks in this
     process (fake process group, fake tensors): its parameter shards, FSDP bytes and matmul FLOPs

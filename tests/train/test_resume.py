@@ -1,7 +1,7 @@
 """Resume through the Trainer from every step of a run whose data crosses epoch ends: the
 resumed losses equal the uninterrupted ones bitwise (fp32 on CPU). The loader's own resume at
 every batch boundary, worker processes included, is tested in tests/data/test_resume.py; the
-real entry point after SIGKILL in tests/train/test_resilience.py."""
+real entry point after SIGKILL in tests/train/test_signals.py."""
 import json
 import os
 import shutil
