@@ -11,6 +11,8 @@ from data.tokenizer import Tokenizer
 
 from datakit import check_batch, doc_json, key_strings, mp4_bytes, png_bytes, write_tar
 
+pytestmark = pytest.mark.xdist_group("data_test_corrupt")  # its module fixtures: built once
+
 TOK = Tokenizer.tiny()
 
 

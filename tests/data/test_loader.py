@@ -9,6 +9,8 @@ from data.tokenizer import Tokenizer
 
 from datakit import check_batch, key_dataset, same_batch
 
+pytestmark = pytest.mark.xdist_group("data_test_loader")  # its module fixtures: built once
+
 TOK = Tokenizer.tiny()
 
 

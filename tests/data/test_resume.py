@@ -14,6 +14,8 @@ from data.tokenizer import Tokenizer
 
 from datakit import key_dataset, same_batch, write_tar
 
+pytestmark = pytest.mark.xdist_group("data_test_resume")  # its module fixtures: built once
+
 TOK = Tokenizer.tiny()
 SHARDS, PER_SHARD = 8, 3  # 2 ranks x 2 workers: each stream reads 2 shards = 6 samples an epoch
 

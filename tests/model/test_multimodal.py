@@ -20,6 +20,8 @@ from .test_hf_parity import rel_err, spread_init
 transformers = pytest.importorskip("transformers")
 from transformers import Llama4Config, Llama4ForConditionalGeneration  # noqa: E402
 
+pytestmark = pytest.mark.xdist_group("model_test_multimodal")  # its module fixtures: built once
+
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "model"
 VOCAB = 352  # 96 "BPE" ids + 256 specials: <|patch|> is 96 + 92
 PATCH = 188

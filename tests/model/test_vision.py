@@ -17,6 +17,8 @@ transformers = pytest.importorskip("transformers")
 from transformers import Llama4Config, Llama4VisionConfig  # noqa: E402
 from transformers.models.llama4 import modeling_llama4 as hf  # noqa: E402
 
+pytestmark = pytest.mark.xdist_group("model_test_vision")  # its module fixtures: built once
+
 PATCH_TOKEN_ID = 200092
 
 # 84 / 14 = 6 patches per side: asymmetric enough that a swapped row/column shows.

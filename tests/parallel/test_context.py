@@ -9,6 +9,8 @@ import torch
 
 from tests.helpers import compose, run_ranks
 
+pytestmark = pytest.mark.xdist_group("parallel_test_context")  # its module fixtures: built once
+
 
 def _rows(T: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Row 0: documents of 40, 100 and T - 140 tokens (edges inside pieces, one across the middle);

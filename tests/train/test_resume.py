@@ -14,6 +14,8 @@ from tests.helpers import compose
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "data"))
 from datakit import key_dataset  # noqa: E402
 
+pytestmark = pytest.mark.xdist_group("train_test_resume")  # its module fixtures: built once
+
 STEPS = 8
 
 

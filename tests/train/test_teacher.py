@@ -13,6 +13,8 @@ import torch.nn.functional as F
 
 from tests.helpers import compose, run_ranks
 
+pytestmark = pytest.mark.xdist_group("train_test_teacher")  # its module fixtures: built once
+
 TEXT = ["+model=tiny", "model.vision.enabled=false", "data=text", "train.seq_len=64", "train.batch_size=2",
         "logging.wandb.mode=disabled", "model.router_aux_loss_coef=0"]
 
