@@ -7,6 +7,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 import zlib
 
 import pytest
@@ -50,8 +51,9 @@ def read_wandb_file(path: str) -> list:
             pos += block - pos % block
             continue
         crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        if kind == 0:
-            break
+        if kind == 0:  # zeros: the writer flushed and padded the block; records go on in the next one
+            pos += block - pos % block
+            continue
         chunk = data[pos + 7:pos + 7 + length]
         assert zlib.crc32(chunk, zlib.crc32(bytes([kind]))) == crc, f"bad checksum at byte {pos}"
         pending, pos = pending + chunk, pos + 7 + length
@@ -114,10 +116,22 @@ def test_a_rerun_continues_the_same_wandb_run(tmp_path):
     assert second.run.id == run_id
     second.log(rows()[1], 2)
     second.finish()
-    # `wandb sync` of both directories uploads them, in order, as one run
-    files = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / f"run-{run_id}.wandb"))
+    # `wandb sync` of both directories uploads them, in order, as one run. wandb's service process
+    # may still be writing the last records when finish() returns (seen once on a loaded machine:
+    # the second file without its history yet), so the files get a few seconds to be complete.
+    deadline = time.monotonic() + 20
+    while True:
+        files = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / f"run-{run_id}.wandb"))
+        try:
+            steps = {f: sorted(history(read_wandb_file(f))) for f in files}
+        except Exception:  # noqa: BLE001 - a record still being written; raised again at the deadline
+            if time.monotonic() > deadline:
+                raise
+            steps = {}
+        if sorted(s for f in files for s in steps.get(f, [])) == [1, 2] or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     assert len(files) == 2
-    steps = {f: sorted(history(read_wandb_file(f))) for f in files}
     assert sorted(s for f in files for s in steps[f]) == [1, 2], steps
 
 
