@@ -110,6 +110,7 @@ def traced(args: ModelArgs, layout, parallel, estimate, cost) -> str:
         t = trace_step(args, layout, parallel)
     except RuntimeError as e:  # the trace's own failure; the estimate above stands
         return f"  trace failed, the estimate stands: {str(e).strip().splitlines()[-1]}"
+
     def ratio(a, b) -> str:
         return f"{a / b:.3f}x" if b else "-"
 

@@ -67,7 +67,7 @@ def gib(n: float) -> str:
     return f"{n / GiB:,.1f} GiB" if n >= GiB / 10 else f"{n / 2**20:,.1f} MiB"
 
 
-_SIZES: dict[str, tuple[int, int, int, int, int]] = {}
+_SIZES: dict[str, tuple[int, int, int, int, int, int]] = {}
 
 
 def model_sizes(args: ModelArgs) -> tuple[int, int, int, int, int, int]:
