@@ -62,7 +62,9 @@ def plan_cluster(cfg, preset: str = "<preset>") -> bool:
         estimate = estimate_memory(phase.model, layout, "cuda")
         print(f"\n{cfg.plan.gpus} x {cfg.plan.gpu} ({gib(size)} each), phase {phase.name}: seq_len {phase.seq_len}, "
               f"batch {layout.batch_size}, FSDP over {layout.dp_shard}, ep {layout.ep}, cp {layout.cp}, "
-              f"activation checkpointing {'on' if layout.activation_checkpointing else 'off'}")
+              f"activation checkpointing {'on' if layout.activation_checkpointing else 'off'}"
+              + (", all-to-alls exchanged again in recomputation" if layout.activation_checkpointing
+                 and layout.ep > 1 and not layout.replay_exchanges else ""))
         print(estimate.table())
         cost = step_cost(phase.model, layout, cfg.plan.gpu)
         print(describe(cost))
@@ -90,7 +92,8 @@ def plan_cluster(cfg, preset: str = "<preset>") -> bool:
 def overrides(layout) -> str:
     return (f"parallel.dp_shard={layout.dp_shard} parallel.dp_replicate={layout.world_size // layout.dp_shard} "
             f"parallel.ep={layout.ep} parallel.cp={layout.cp} "
-            f"parallel.activation_checkpointing={str(layout.activation_checkpointing).lower()}")
+            f"parallel.activation_checkpointing={str(layout.activation_checkpointing).lower()}"
+            + ("" if layout.replay_exchanges else " parallel.replay_exchanges=false"))
 
 
 def describe(cost) -> str:
@@ -127,10 +130,10 @@ def traced(args: ModelArgs, layout, parallel, estimate, cost) -> str:
     if t.peak:
         p = t.peak
         lines.append(f"    peak memory (FSDPMemTracker)        {gib(p['total']):>10}   estimate {gib(estimate.total)}"
-                     f" ({ratio(p['total'], estimate.total)}; not yet reconciled, docs/scale.md)")
+                     f" ({ratio(p['total'], estimate.total)}; docs/scale.md)")
         parts = {"parameters": p.get("sharded_param", 0) + p.get("unsharded_param", 0) + p.get("buffer", 0),
                  "gradients": p.get("sharded_grad", 0) + p.get("unsharded_grad", 0), "optimizer": p.get("opt", 0),
-                 "activations": p.get("act", 0), "temporaries (logits, loss)": p.get("temp", 0),
+                 "activations": p.get("act", 0), "made in backward": p.get("temp", 0),
                  "collective buffers": p.get("all_gather", 0) + p.get("reduce_scatter", 0)}
         lines.append("      at the peak: " + ", ".join(f"{name} {gib(b)}" for name, b in parts.items()))
     return "\n".join(lines)

@@ -31,6 +31,7 @@ def parallelize_model(
     param_dtype: str = "auto",
     reduce_dtype: str = "float32",
     activation_checkpointing: bool = False,
+    replay_exchanges: bool = True,
     compile: bool = False,
     device_type: str = "cpu",
     fp8: Fp8Config | None = None,
@@ -45,10 +46,11 @@ def parallelize_model(
     for key, block in list(model.layers.items()):
         if activation_checkpointing:
             # With EP, the recomputation in backward reuses the forward's all-to-all outputs
-            # instead of exchanging tokens again; everything else is recomputed as usual.
+            # instead of exchanging tokens again (unless replay_exchanges is off, which frees
+            # that memory); everything else is recomputed as usual.
             dispatchers = [m.dispatcher for m in block.modules()
                            if isinstance(m, MoE) and isinstance(m.dispatcher, AllToAllDispatcher)]
-            replay = {"context_fn": exchange_replay_contexts(dispatchers)} if dispatchers else {}
+            replay = {"context_fn": exchange_replay_contexts(dispatchers)} if dispatchers and replay_exchanges else {}
             block = checkpoint_wrapper(block, preserve_rng_state=False, **replay)
         if compile:
             block.compile()

@@ -47,7 +47,8 @@ def build_parallel_model(args: ModelArgs, seed: int, parallel, env: Distributed,
     model = build_model(args, seed, use_metap)
     meta = next(model.parameters()).is_meta
     model = parallelize_model(model, meshes, param_dtype=parallel.param_dtype, reduce_dtype=parallel.reduce_dtype,
-                              activation_checkpointing=parallel.activation_checkpointing, compile=parallel.compile,
+                              activation_checkpointing=parallel.activation_checkpointing,
+                              replay_exchanges=parallel.replay_exchanges, compile=parallel.compile,
                               device_type=env.device.type, fp8=parallel.fp8)
     if meta:
         model.to_empty(device=env.device)

@@ -80,6 +80,10 @@ class ParallelConfig:
     param_dtype: str = "auto"  # FSDP compute dtype: auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16
     reduce_dtype: str = "float32"
     activation_checkpointing: bool = False
+    # With activation checkpointing and ep > 1: the recomputation in backward reuses the rows each
+    # block's all-to-alls received (true: no second exchange, 2 x top_k x dim activations per token
+    # and MoE layer kept) or exchanges them again (false: that memory freed, 1.5x the all-to-all bytes)
+    replay_exchanges: bool = True
     compile: bool = False  # torch.compile each transformer block
     timeout_s: int = 600  # a collective that hangs this long raises
     # FP8 matmuls in the blocks' linears and routed experts (docs/fp8.md); the schema is parallel/'s own

@@ -11,7 +11,8 @@ The model of a step (one GPU's view, per optimizer step):
   of its unit; routed experts only among the dp_shard / ep ranks that hold the same 1 / ep of
   them;
 - expert parallelism: routed tokens (top_k x dim) all-to-all to their expert and back, in
-  forward and backward (4 exchanges a MoE layer), (ep - 1) / ep of them leaving the GPU;
+  forward and backward (4 exchanges a MoE layer; 6 when a checkpointed block's recomputation
+  exchanges again, parallel.replay_exchanges=false), (ep - 1) / ep of them leaving the GPU;
 - context parallelism: per layer, the K/V a rank receives (at most the all-gather's
   (cp - 1) / cp x seq_len tokens of 2 x kv_heads x head_dim on global layers, a halo on chunked
   ones), twice (the gradient goes back);
@@ -107,7 +108,7 @@ def step_cost(args: ModelArgs, layout: Layout, gpu: str, gpus_per_node: int = 8)
     link = lambda group: spec.nvlink if group <= gpus_per_node else spec.network  # noqa: E731
     memory = estimate_memory(args, layout, "cuda")
     n = layout.dp_shard
-    n_params, _, _, _, routed, blocks = model_sizes(args)
+    n_params, _, _, routed, blocks = model_sizes(args)
     # Dense weights are gathered from all dp_shard ranks; a rank's experts (1/ep of them) only
     # from the dp_shard / ep ranks that shard them. Blocks reshard after forward and are gathered
     # again for backward; the root unit is not.
@@ -119,7 +120,10 @@ def step_cost(args: ModelArgs, layout: Layout, gpu: str, gpus_per_node: int = 8)
     out = {"fsdp all-gather": gathers, "fsdp reduce-scatter": reduces}
     moe_layers = sum(args.is_moe_layer(i) for i in range(args.n_layers))
     if layout.ep > 1 and moe_layers:
-        out["ep all-to-all"] = (4 * moe_layers * tokens * args.top_k * args.dim * layout.activation_bytes
+        # two exchanges forward and two backward, and two more when a checkpointed block's
+        # recomputation exchanges again instead of replaying (parallel.replay_exchanges=false)
+        exchanges = 6 if layout.activation_checkpointing and not layout.replay_exchanges else 4
+        out["ep all-to-all"] = (exchanges * moe_layers * tokens * args.top_k * args.dim * layout.activation_bytes
                                 * (layout.ep - 1) / layout.ep)
     if layout.cp > 1:
         global_layers = sum(args.is_nope_layer(i) for i in range(args.n_layers))
@@ -142,7 +146,8 @@ def step_cost(args: ModelArgs, layout: Layout, gpu: str, gpus_per_node: int = 8)
 
 def search_layouts(args: ModelArgs, base: Layout, gpu: str, gpus_per_node: int = 8) -> list[StepCost]:
     """Every layout herd supports at this world size (ep dividing the experts and the FSDP size,
-    cp for long rows, activation checkpointing on or off) that fits a GPU, fastest first."""
+    cp for long rows, activation checkpointing on or off, and with it and ep > 1 the all-to-all
+    rows replayed or exchanged again) that fits a GPU, fastest first."""
     world = base.world_size
     # FSDP over all GPUs, or HSDP: shard within groups of a power of two from one node up.
     shards = sorted({world} | {s for s in (2**k * gpus_per_node for k in range(32)) if s < world and world % s == 0})
@@ -153,8 +158,11 @@ def search_layouts(args: ModelArgs, base: Layout, gpu: str, gpus_per_node: int =
                and (c == 1 or base.seq_len // c >= 4096)]
         for ep in eps:
             for cp in cps:
-                for ac in (False, True):
-                    layout = replace(base, dp_shard=dp_shard, ep=ep, cp=cp, activation_checkpointing=ac)
+                for ac, replay in ((False, True), (True, True), (True, False)):
+                    if not replay and ep == 1:
+                        continue  # nothing to replay
+                    layout = replace(base, dp_shard=dp_shard, ep=ep, cp=cp, activation_checkpointing=ac,
+                                     replay_exchanges=replay)
                     cost = step_cost(args, layout, gpu, gpus_per_node)
                     if cost.memory <= SPECS[gpu].memory:
                         fits.append(cost)

@@ -8,12 +8,18 @@ Per rank, in bytes:
   same count);
 - gathered weights: FSDP all-gathers a block's weights in parallel.param_dtype for its forward
   and backward (two blocks in flight with prefetching), plus the block's unsharded fp32 gradient
-  before its reduce-scatter, and the root (embeddings, output head) stays gathered through the
-  step; routed experts are gathered within their ep group only;
+  before its reduce-scatter, and the root unit (embeddings, output head, and the vision encoder,
+  which is not wrapped on its own) stays gathered through the step; routed experts are gathered
+  within their ep group only;
+- the root's gradients: at the end of backward the root unit's unsharded gradients (in
+  param_dtype) and the fp32 copy FSDP reduce-scatters them from are alive together. By then the
+  activations, the logits and the gathered weights are freed, so the peak is the larger of two
+  moments: the loss's backward, and the root's reduce-scatter;
 - activations saved for backward: a per-token, per-layer count of the tensors herd's layers keep
   (module docstring of each layer; an estimate, not a trace), times the rank's tokens
-  (batch_size x seq_len / cp), plus the logits and their log-softmax over the vocabulary; with
-  activation checkpointing only each block's input is kept, and one block is recomputed at a time;
+  (batch_size x seq_len / cp), plus the loss's log-softmax over the vocabulary and two
+  gradients of its size; with activation checkpointing only each block's input is kept (and,
+  with expert parallelism, what its all-to-alls received), and one block is recomputed at a time;
 - on a CPU host, models built whole (up to train.build.FULL_INIT_MAX_PARAMS) exist in full on
   every rank while they are initialised.
 """
@@ -40,6 +46,7 @@ class Layout:
     param_bytes: int = 2  # FSDP compute dtype: 2 for bfloat16, 4 for float32
     activation_bytes: int = 2  # 2 under bfloat16 autocast, 4 in float32
     activation_checkpointing: bool = False
+    replay_exchanges: bool = True  # checkpointed MoE blocks keep their all-to-all rows (ep > 1)
 
 
 @dataclass
@@ -50,15 +57,20 @@ class MemoryEstimate:
     logits: int
     build: int  # CPU only: a model built whole before sharding
     parameters: int  # all parameters of the model
+    root_gradients: int = 0  # the root unit's unsharded gradients and their fp32 reduce-scatter copy
 
     @property
     def total(self) -> int:
-        return max(self.sharded_state + self.gathered_weights + self.activations + self.logits, self.build)
+        # The loss's backward, or the end of backward (blocks and the root's weights resharded,
+        # activations freed), or a CPU build.
+        return max(self.sharded_state + self.gathered_weights + self.activations + self.logits,
+                   self.sharded_state + self.root_gradients, self.build)
 
     def table(self) -> str:
         rows = [("parameters, gradients, AdamW state (sharded)", self.sharded_state),
                 ("weights gathered by FSDP (in flight)", self.gathered_weights),
-                ("activations saved for backward", self.activations), ("logits and their gradient", self.logits),
+                ("activations saved for backward", self.activations), ("log-softmax over the vocabulary, its gradients", self.logits),
+                ("or, at the end of backward: the root's gradients", self.root_gradients),
                 ("peak per rank", self.total)]
         return "\n".join(f"  {name:<48} {gib(value):>12}" for name, value in rows)
 
@@ -67,13 +79,13 @@ def gib(n: float) -> str:
     return f"{n / GiB:,.1f} GiB" if n >= GiB / 10 else f"{n / 2**20:,.1f} MiB"
 
 
-_SIZES: dict[str, tuple[int, int, int, int, int, int]] = {}
+_SIZES: dict[str, tuple[int, int, int, int, int]] = {}
 
 
-def model_sizes(args: ModelArgs) -> tuple[int, int, int, int, int, int]:
-    """(all parameters, the largest block's dense parameters, its routed-expert parameters, root
-    parameters, all routed-expert parameters, all decoder-block parameters), from a meta-device
-    build, remembered per config (plans ask many times)."""
+def model_sizes(args: ModelArgs) -> tuple[int, int, int, int, int]:
+    """(all parameters, the largest block's dense parameters, its routed-expert parameters, all
+    routed-expert parameters, all decoder-block parameters), from a meta-device build, remembered
+    per config (plans ask many times). What is not in a block is FSDP's root unit."""
     key = repr(args)
     if key not in _SIZES:
         with torch.device("meta"):
@@ -83,10 +95,9 @@ def model_sizes(args: ModelArgs) -> tuple[int, int, int, int, int, int]:
             d = sum(p.numel() for n, p in block.named_parameters() if ".experts." not in f".{n}")
             e = sum(p.numel() for n, p in block.named_parameters() if ".experts." in f".{n}")
             dense, experts = max(dense, d), max(experts, e)
-        root = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(("layers.", "vision.")))
         routed = sum(p.numel() for n, p in model.named_parameters() if ".experts." in f".{n}")
         blocks = sum(p.numel() for p in model.layers.parameters())
-        _SIZES[key] = (sum(p.numel() for p in model.parameters()), dense, experts, root, routed, blocks)
+        _SIZES[key] = (sum(p.numel() for p in model.parameters()), dense, experts, routed, blocks)
     return _SIZES[key]
 
 
@@ -105,22 +116,30 @@ def activation_elements_per_token(args: ModelArgs) -> int:
 def estimate_memory(args: ModelArgs, layout: Layout, device_type: str = "cuda") -> MemoryEstimate:
     from .build import FULL_INIT_MAX_PARAMS
 
-    n_params, dense, experts, root, _, _ = model_sizes(args)
+    n_params, dense, experts, _, blocks = model_sizes(args)
     sharded = 16 * n_params // layout.dp_shard
-    gathered = 0
+    gathered = root_gradients = 0
     if layout.world_size > 1:
         block = dense + experts // layout.ep
-        gathered = 2 * block * layout.param_bytes + 4 * block + root * layout.param_bytes
+        root_unit = n_params - blocks  # everything outside the decoder blocks, vision encoder included
+        gathered = 2 * block * layout.param_bytes + 4 * block + root_unit * layout.param_bytes
+        root_gradients = root_unit * (layout.param_bytes + 4)
     tokens = layout.batch_size * layout.seq_len // layout.cp
     per_token = activation_elements_per_token(args)
     if layout.activation_checkpointing:
-        per_token = args.n_layers * args.dim + per_token // args.n_layers  # block inputs + one block recomputed
+        # Each block's input and one block recomputed at a time; with expert parallelism each MoE
+        # block also keeps the rows its two all-to-alls received, which the recomputation replays
+        # instead of exchanging again (parallel/expert.py), unless parallel.replay_exchanges is off.
+        replayed = 2 * args.top_k * args.dim if layout.ep > 1 and layout.replay_exchanges else 0
+        moe_layers = sum(args.is_moe_layer(i) for i in range(args.n_layers))
+        per_token = args.n_layers * args.dim + moe_layers * replayed + per_token // args.n_layers
     activations = tokens * per_token * layout.activation_bytes
-    # At the loss's backward: the logits, the loss's fp32 view and log-softmax, and two gradient
-    # buffers of the same size (log-softmax's and the logits').
-    logits = tokens * args.vocab_size * (layout.activation_bytes + 12)
+    # At the loss's backward, in fp32 whatever the compute dtype: the log-softmax it keeps, the
+    # gradient that arrives at it and the one it passes to the logits (the logits themselves are
+    # freed once the loss has its fp32 copy).
+    logits = tokens * args.vocab_size * 12
     build = 4 * n_params if device_type == "cpu" and n_params <= FULL_INIT_MAX_PARAMS else 0
-    return MemoryEstimate(sharded, gathered, activations, logits, build, n_params)
+    return MemoryEstimate(sharded, gathered, activations, logits, build, n_params, root_gradients)
 
 
 def device_memory(device_type: str) -> tuple[int, str]:
@@ -169,7 +188,7 @@ def layout_of(cfg, world_size: int, device_type: str, phase=None) -> Layout:
     return Layout(world_size, shard_mod_ep * ep, ep, p.cp, phase.seq_len if phase else t.seq_len,
                   phase.batch_size if phase else t.batch_size,
                   (2 if param_dtype == "bfloat16" else 4) if world_size > 1 else 4, 2 if bf16 else 4,
-                  p.activation_checkpointing)
+                  p.activation_checkpointing, p.replay_exchanges)
 
 
 def model_args_of(cfg) -> ModelArgs:
@@ -197,6 +216,11 @@ def preflight(cfg, phases, world_size: int, device_type: str) -> None:
         checkpointed = estimate_memory(phase.model, checkpointed_layout, device_type)
         hints.append(f"parallel.activation_checkpointing=true (about {gib(checkpointed.total)} per rank)")
         best = (checkpointed, checkpointed_layout)
+    elif layout.ep > 1 and layout.replay_exchanges:
+        again_layout = Layout(**{**vars(layout), "replay_exchanges": False})
+        again = estimate_memory(phase.model, again_layout, device_type)
+        hints.append(f"parallel.replay_exchanges=false (about {gib(again.total)} per rank, 1.5x the all-to-all bytes)")
+        best = (again, again_layout)
     needed = fsdp_ranks_needed(*best, per_rank)
     if needed is not None and needed > layout.dp_shard:
         hints.append(f"at least {needed} FSDP ranks of this memory for the sharded state")

@@ -202,6 +202,7 @@ def _trace_step(args: ModelArgs, layout: Layout, parallel) -> Trace:
             model = build_model(args, 0)
         model = parallelize_model(model, meshes, param_dtype="bfloat16" if layout.param_bytes == 2 else "float32",
                                   reduce_dtype="float32", activation_checkpointing=layout.activation_checkpointing,
+                                  replay_exchanges=layout.replay_exchanges,
                                   compile=False, device_type="cpu", fp8=parallel.fp8)
         for module in model.modules():  # fake tensors carry no per-expert row counts to group by
             if isinstance(module, GroupedExperts):

@@ -32,7 +32,8 @@ def _one_step_grads(overrides):
     env = init_distributed("cpu")
     model = build_model(args, t.seed)
     model = parallelize_model(model, build_mesh(env, p.dp_shard, p.dp_replicate, p.ep, args.n_experts),
-                              activation_checkpointing=p.activation_checkpointing)
+                              activation_checkpointing=p.activation_checkpointing,
+                              replay_exchanges=p.replay_exchanges)
     batch = next(TextBatches(None, t.seq_len, t.batch_size, args.vocab_size, env.rank, env.world_size, t.seed))
     launched = []
     start = expert._all_to_all_start
@@ -71,6 +72,8 @@ def _train_layouts(tmp):
     out["grads2"], out["exchanges"] = _one_step_grads(one + ["parallel.ep=2"])
     out["grads2_ac"], out["exchanges_ac"] = _one_step_grads(one + ["parallel.ep=2",
                                                                    "parallel.activation_checkpointing=true"])
+    out["grads2_ac_again"], out["exchanges_ac_again"] = _one_step_grads(
+        one + ["parallel.ep=2", "parallel.activation_checkpointing=true", "parallel.replay_exchanges=false"])
     return out
 
 
@@ -94,14 +97,17 @@ def test_ep2_trains_like_ep1(tmp_path):
         assert l2 == pytest.approx(l1, rel=1e-5), step
 
     # Router and expert gradients after one step: the full tensors match.
-    g1, g2, g2ac = r0["grads1"], r0["grads2"], r0["grads2_ac"]
+    g1, g2, g2ac, g2again = r0["grads1"], r0["grads2"], r0["grads2_ac"], r0["grads2_ac_again"]
     assert g1.keys() == g2.keys() and any(".experts.w1" in k for k in g1)
     for name in g1:
         torch.testing.assert_close(g2[name], g1[name], rtol=1e-5, atol=1e-7, msg=name)
         torch.testing.assert_close(g2ac[name], g2[name], rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(g2again[name], g2[name], rtol=0, atol=0, msg=name)
     # Recomputation under activation checkpointing sends no tokens: per MoE layer, 3 exchanges
-    # forward (counts, rows, results) and 2 backward (the gradients of rows and results).
+    # forward (counts, rows, results) and 2 backward (the gradients of rows and results); with
+    # parallel.replay_exchanges=false the recomputation makes the forward's 3 again.
     assert r0["exchanges"] == r0["exchanges_ac"] == 2 * 5
+    assert r0["exchanges_ac_again"] == 2 * 8
 
     # Expert metrics: every step has per-layer load; every 5th step the full table.
     rows = r0["metrics"]

@@ -132,8 +132,31 @@ def test_a_traced_step_counts_what_a_real_one_does(extra):
     assert not torch.distributed.is_initialized()  # its fake process group was another process's
 
 
-def _tracked_peak_on_ranks(overrides, seq_len):
-    """FSDPMemTracker's categories at the peak of a real forward and backward (compute_loss)."""
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
+def test_a_traced_step_has_the_memory_of_a_real_one(checkpointing):
+    """The trace's peak (fake process group, fake tensors) against FSDPMemTracker on the same
+    forward and backward run for real on 2 gloo ranks: an 8-layer tiny model, whose peak is in
+    backward; the trace adds AdamW's two fp32 moments per parameter shard. With activation
+    checkpointing the recomputation in backward must be freed as in the real run."""
+    from train.memory import Layout
+    from train.trace import trace_step
+
+    overrides = ["+model=tiny", "model.vision.enabled=false", "model.n_layers=8",
+                 f"parallel.activation_checkpointing={checkpointing}"]
+    real = run_ranks(_tracked_peaks_on_ranks, 2, [overrides], 512)[0][0]
+    traced = trace_step(_args(overrides), Layout(2, 2, seq_len=512, batch_size=1, param_bytes=4, activation_bytes=4,
+                                                 activation_checkpointing=checkpointing),
+                        compose(overrides).parallel).peak
+    assert real["act"] + real["temp"] > 0.5 * real["total"]  # activations dominate: a peak in backward
+    for kind in ("act", "temp", "sharded_param", "unsharded_param"):
+        assert traced[kind] == pytest.approx(real[kind], rel=0.02), (kind, traced, real)
+    assert traced["opt"] == 2 * traced["sharded_param"]  # fp32 moments, two per parameter
+    assert traced["total"] == pytest.approx(real["total"] + traced["opt"], rel=0.02)
+
+
+def _tracked_peaks_on_ranks(configs, seq_len):
+    """FSDPMemTracker's categories at the peak of a real forward and backward, per config (a list
+    of override lists), on this gloo job: one process group, a model per config."""
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 
     from parallel import build_mesh, init_distributed
@@ -141,37 +164,50 @@ def _tracked_peak_on_ranks(overrides, seq_len):
     from train.config import model_args
     from train.loss import compute_loss
 
-    cfg = compose(overrides)
-    args, p = model_args(cfg), cfg.parallel
-    env = init_distributed("cpu")
-    model = build_parallel_model(args, 0, p, env, build_mesh(env, 2, 1, 1, args.n_experts))
-    tokens = torch.zeros(1, seq_len, dtype=torch.long)
-    tracker = FSDPMemTracker(model)
-    tracker.track_inputs((tokens,))
-    with tracker:
-        out = compute_loss(model, {"tokens": tokens, "labels": torch.zeros_like(tokens)}, args,
-                           global_targets=2.0 * seq_len, world_size=2)
-        out.loss.backward()
-    snapshot = next(iter(tracker.get_tracker_snapshot("peak").values()))
-    return {str(k).split(".")[-1].lower(): int(v) for k, v in snapshot.items()}
+    env, peaks = init_distributed("cpu"), []
+    for overrides in configs:
+        cfg = compose(overrides)
+        args, p = model_args(cfg), cfg.parallel
+        meshes = build_mesh(env, p.dp_shard, p.dp_replicate, p.ep, args.n_experts, p.cp)
+        model = build_parallel_model(args, 0, p, env, meshes)
+        tokens = torch.randint(0, args.vocab_size, (1, seq_len), generator=torch.Generator().manual_seed(0))
+        tracker = FSDPMemTracker(model)
+        tracker.track_inputs((tokens,))
+        with tracker:
+            out = compute_loss(model, {"tokens": tokens, "labels": tokens}, args, global_targets=2.0 * seq_len,
+                               world_size=2)
+            out.loss.backward()
+        snapshot = next(iter(tracker.get_tracker_snapshot("peak").values()))
+        peaks.append({str(k).split(".")[-1].lower(): int(v) for k, v in snapshot.items()})
+        del model, out, tracker
+    return peaks
 
 
-def test_a_traced_step_has_the_memory_of_a_real_one():
-    """The trace's peak (fake process group, fake tensors) against FSDPMemTracker on the same
-    forward and backward run for real on 2 gloo ranks: an 8-layer tiny model, whose peak is in
-    backward; the trace adds AdamW's two fp32 moments per parameter shard."""
-    from train.memory import Layout
-    from train.trace import trace_step
+def test_memory_estimate_against_a_real_two_rank_step():
+    """The estimate against a real step on 2 gloo ranks (FSDPMemTracker at the peak of forward
+    and backward, plus AdamW's two moments per parameter shard, which it does not see): with and
+    without activation checkpointing and expert parallelism (all-to-all rows replayed in the
+    recomputation or exchanged again), on the tiny model and the 4x wider proxy. The peak is at the loss's backward in all four, so the tracker's activations and
+    backward temporaries there are what the estimate calls activations and log-softmax; and a
+    pre-flight estimate must not come in under the real peak."""
+    from train.memory import Layout, estimate_memory
 
-    overrides = ["+model=tiny", "model.vision.enabled=false", "model.n_layers=8"]
-    real = run_ranks(_tracked_peak_on_ranks, 2, overrides, 512)[0]
-    traced = trace_step(_args(overrides), Layout(2, 2, seq_len=512, batch_size=1, param_bytes=4, activation_bytes=4),
-                        compose(overrides).parallel).peak
-    assert real["act"] > 0.5 * real["total"]  # activations dominate: a peak in backward
-    for kind in ("act", "temp", "sharded_param", "unsharded_param"):
-        assert traced[kind] == pytest.approx(real[kind], rel=0.02), (kind, traced, real)
-    assert traced["opt"] == 2 * traced["sharded_param"]  # fp32 moments, two per parameter
-    assert traced["total"] == pytest.approx(real["total"] + traced["opt"], rel=0.02)
+    base = ["+model=tiny", "model.vision.enabled=false", "model.n_layers=8"]
+    checkpointed = [*base, "parallel.ep=2", "parallel.activation_checkpointing=true"]
+    configs = [[*base], [*base, "parallel.activation_checkpointing=true"], checkpointed,
+               [*checkpointed, "parallel.replay_exchanges=false"], [*base, "parallel.ep=2", *WIDE]]
+    seq_len = 1024
+    peaks = run_ranks(_tracked_peaks_on_ranks, 2, configs, seq_len)[0]
+    for overrides, real in zip(configs, peaks):
+        cfg = compose(overrides)
+        layout = Layout(2, 2, ep=cfg.parallel.ep, seq_len=seq_len, batch_size=1, param_bytes=4, activation_bytes=4,
+                        activation_checkpointing=cfg.parallel.activation_checkpointing,
+                        replay_exchanges=cfg.parallel.replay_exchanges)
+        e = estimate_memory(_args(overrides), layout, "cpu")
+        activations = real["act"] + real["temp"]
+        assert abs(activations - (e.activations + e.logits)) <= 0.25 * activations, (overrides, real, e)
+        held = real["total"] + 2 * real["sharded_param"]
+        assert held <= e.total <= 1.5 * held, (overrides, held, e.total)
 
 
 def test_plan_trace_prints_the_real_step_beside_the_estimate(capsys):
