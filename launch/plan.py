@@ -148,7 +148,7 @@ def advice(estimate, layout, size: int, args: ModelArgs) -> list[str]:
         if part == "sharded" and (needed := fsdp_ranks_needed(estimate, layout, size)):
             out.append(f"the sharded state needs at least {needed} GPUs")
         elif part == "gathered" and args.n_experts > layout.ep:
-            out.append(f"a gathered MoE block ({gib(estimate.gathered_weights)} in flight): raise parallel.ep "
+            out.append(f"gathered MoE blocks ({gib(estimate.block_weights)} in flight): raise parallel.ep "
                        f"(now {layout.ep}) so experts are gathered among fewer ranks")
         elif part == "activations" and parts[part] > size / 4:
             out.append(("" if layout.activation_checkpointing else "parallel.activation_checkpointing=true, ")

@@ -63,9 +63,15 @@ def parallelize_model(
     mp = MixedPrecisionPolicy(param_dtype=_DTYPES[param_dtype], reduce_dtype=_DTYPES[reduce_dtype])
     dp_mesh = meshes.dense
     for block in model.layers.values():
-        if expert_parallel and isinstance(moe := unwrap_block(block).feed_forward, MoE):
-            _shard_experts(moe, meshes, mp, device_type)
-        fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=True)
+        placement = None
+        if isinstance(moe := unwrap_block(block).feed_forward, MoE):
+            if expert_parallel:
+                _shard_experts(moe, meshes, mp, device_type)
+            else:
+                routed = {id(p) for p in moe.experts.parameters()}
+                on_dim1 = experts_on_dim1(moe.n_experts, dp_mesh.size())
+                placement = lambda p, routed=routed: on_dim1(p) if id(p) in routed else None  # noqa: E731
+        fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=True, shard_placement_fn=placement)
     # The root holds embeddings, final norm and output; it does not reshard after forward
     # because backward needs the output weight straight away.
     fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=False)
@@ -76,9 +82,8 @@ def _shard_experts(moe: MoE, meshes: Meshes, mp: MixedPrecisionPolicy, device_ty
     """FSDP over the ranks that hold the same experts: dp_shard_mod_ep (x dp_replicate)."""
     dp_rep, shard_mod_ep, ep = meshes.shape
     mesh = meshes.experts["dp_replicate", "dp_shard_mod_ep"] if dp_rep > 1 else meshes.experts["dp_shard_mod_ep"]
-    # EP already splits dim 0 (experts); when there are fewer local experts than FSDP ranks,
-    # shard the hidden dim instead so no rank holds only padding.
-    placement = None if moe.n_experts // ep >= shard_mod_ep else (lambda p: Shard(1))
+    # EP already splits dim 0 (experts)
+    placement = experts_on_dim1(moe.n_experts // ep, shard_mod_ep)
     fully_shard(moe.experts, mesh=mesh, mp_policy=mp, reshard_after_forward=True, shard_placement_fn=placement)
     # The loss is scaled for averaging over all dp ranks, and each rank's expert gradients
     # already hold the contributions of its whole ep group (they arrived by all-to-all).
@@ -89,6 +94,16 @@ def _shard_experts(moe: MoE, meshes: Meshes, mp: MixedPrecisionPolicy, device_ty
         # gloo has no pre-multiplied sum: reduce with a plain sum and divide after. (Not with a
         # single FSDP rank, where FSDP skips the reduce-scatter and already divides once.)
         moe.experts.set_force_sum_reduction_for_comms(True)
+
+
+def experts_on_dim1(local_experts: int, ranks: int):
+    """FSDP's `shard_placement_fn` for routed expert weights [experts, in, out]: FSDP pads the
+    sharded dim to a multiple of the ranks, so 16 experts over 64 ranks on the expert dim would
+    gather 64 experts' worth; with fewer experts than ranks, shard the next dim when the ranks
+    divide it (FSDP shards other dims evenly only), else pad (train/memory.FsdpSizes counts it)."""
+    if local_experts >= ranks:
+        return lambda p: None
+    return lambda p: Shard(1) if p.shape[1] % ranks == 0 else None
 
 
 def unwrap_block(block: nn.Module) -> nn.Module:

@@ -32,7 +32,7 @@ import torch
 from model import ModelArgs, Transformer
 from model.params import count_parameters
 
-from .memory import GPUS, Layout, estimate_memory, model_sizes
+from .memory import GPUS, Layout, estimate_memory, fsdp_sizes
 from .metrics import flops_per_token
 
 GEMM_EFFICIENCY = 0.55  # of the dense bf16 peak that large MoE steps reach (torchtitan reports 33-45% MFU)
@@ -108,15 +108,12 @@ def step_cost(args: ModelArgs, layout: Layout, gpu: str, gpus_per_node: int = 8)
     link = lambda group: spec.nvlink if group <= gpus_per_node else spec.network  # noqa: E731
     memory = estimate_memory(args, layout, "cuda")
     n = layout.dp_shard
-    n_params, _, _, routed, blocks = model_sizes(args)
     # Dense weights are gathered from all dp_shard ranks; a rank's experts (1/ep of them) only
-    # from the dp_shard / ep ranks that shard them. Blocks reshard after forward and are gathered
-    # again for backward; the root unit is not.
-    m = n // layout.ep
-    root = (n_params - blocks) * (n - 1) / n
-    per_gpu = (blocks - routed) * (n - 1) / n + routed / layout.ep * (m - 1) / m + root
-    gathers = (2 * per_gpu - root) * layout.param_bytes
-    reduces = per_gpu * 4
+    # from the dp_shard / ep ranks that shard them, with FSDP2's padding (train/memory.FsdpSizes).
+    # Blocks reshard after forward and are gathered again for backward; the root unit is not.
+    sizes = fsdp_sizes(args, n, layout.ep)
+    gathers = (2 * sizes.received_blocks + sizes.received_root) * layout.param_bytes
+    reduces = (sizes.received_blocks + sizes.received_root) * 4
     out = {"fsdp all-gather": gathers, "fsdp reduce-scatter": reduces}
     moe_layers = sum(args.is_moe_layer(i) for i in range(args.n_layers))
     if layout.ep > 1 and moe_layers:
@@ -134,7 +131,7 @@ def step_cost(args: ModelArgs, layout: Layout, gpu: str, gpus_per_node: int = 8)
     fsdp_s = (gathers + reduces) / link(n)
     replicas = layout.world_size // layout.dp_shard
     if replicas > 1:  # HSDP: each shard's gradient all-reduced across the replicas (ring: 2 (r-1)/r)
-        out["hsdp all-reduce"] = 2 * (n_params - routed + routed / layout.ep) / m * 4 * (replicas - 1) / replicas
+        out["hsdp all-reduce"] = 2 * sizes.shard * 4 * (replicas - 1) / replicas
         fsdp_s += out["hsdp all-reduce"] / spec.network
     exposed = max(0.0, fsdp_s - FSDP_OVERLAP * compute_s)
     other_s = out.get("ep all-to-all", 0) / link(layout.ep) + out.get("cp k/v exchange", 0) / link(layout.cp)

@@ -5,16 +5,15 @@ launch/plan.py prints.
 Per rank, in bytes:
 - sharded state: every parameter's fp32 value, fp32 gradient and two fp32 AdamW moments (16
   bytes), divided over the FSDP ranks (dp_shard; routed experts over ep x dp_shard_mod_ep, the
-  same count);
-- gathered weights: FSDP all-gathers a block's weights in parallel.param_dtype for its forward
-  and backward (two blocks in flight with prefetching), plus the block's unsharded fp32 gradient
-  before its reduce-scatter, and the root unit (embeddings, output head, and the vision encoder,
-  which is not wrapped on its own) stays gathered through the step; routed experts are gathered
-  within their ep group only;
+  same count), as FSDP2 divides them: each parameter on one dim, padded to a multiple of the
+  ranks (`FsdpSizes`; it matters when a dim has fewer rows than there are ranks);
+- gathered weights: the root unit (embeddings, output head, and the vision encoder, which is
+  not wrapped on its own) stays gathered in parallel.param_dtype from forward to the end of
+  backward; FSDP gathers a block's weights for its forward and again for its backward (two
+  blocks in flight with prefetching), plus the block's unsharded fp32 gradient before its
+  reduce-scatter; routed experts are gathered within their ep group only;
 - the root's gradients: at the end of backward the root unit's unsharded gradients (in
-  param_dtype) and the fp32 copy FSDP reduce-scatters them from are alive together. By then the
-  activations, the logits and the gathered weights are freed, so the peak is the larger of two
-  moments: the loss's backward, and the root's reduce-scatter;
+  param_dtype) and the fp32 copy FSDP reduce-scatters them from are alive together;
 - activations saved for backward: a per-token, per-layer count of the tensors herd's layers keep
   (module docstring of each layer; an estimate, not a trace), times the rank's tokens
   (batch_size x seq_len / cp), plus the loss's log-softmax over the vocabulary and two
@@ -22,9 +21,15 @@ Per rank, in bytes:
   with expert parallelism, what its all-to-alls received), and one block is recomputed at a time;
 - on a CPU host, models built whole (up to train.build.FULL_INIT_MAX_PARAMS) exist in full on
   every rank while they are initialised.
+
+The peak is the largest of three moments (a traced step, train/trace.py, shows each): the loss's
+backward (sharded state, root weights, activations, log-softmax), the start of the blocks'
+backward (the log-softmax freed, blocks gathered instead) and the end of backward (sharded
+state and the root's gradients, everything else freed).
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -52,24 +57,32 @@ class Layout:
 @dataclass
 class MemoryEstimate:
     sharded_state: int  # fp32 params + grads + AdamW moments, this rank's shard
-    gathered_weights: int  # all-gathered blocks in flight, their unsharded grads, the root
+    root_weights: int  # the root unit, gathered from forward to the end of backward
+    block_weights: int  # two blocks gathered (prefetch) and one's unsharded fp32 gradient
     activations: int  # saved for backward
-    logits: int
+    logits: int  # the loss's log-softmax and its two gradients
+    root_gradients: int  # the root unit's unsharded gradients and their fp32 reduce-scatter copy
     build: int  # CPU only: a model built whole before sharding
     parameters: int  # all parameters of the model
-    root_gradients: int = 0  # the root unit's unsharded gradients and their fp32 reduce-scatter copy
+
+    @property
+    def gathered_weights(self) -> int:
+        return self.root_weights + self.block_weights
 
     @property
     def total(self) -> int:
-        # The loss's backward, or the end of backward (blocks and the root's weights resharded,
-        # activations freed), or a CPU build.
-        return max(self.sharded_state + self.gathered_weights + self.activations + self.logits,
-                   self.sharded_state + self.root_gradients, self.build)
+        # At the loss's backward (log-softmax) or as the blocks' backward begins (blocks
+        # gathered, log-softmax freed); at the end of backward (blocks and the root resharded,
+        # activations freed); or a CPU build.
+        during = self.sharded_state + self.root_weights + self.activations + max(self.logits, self.block_weights)
+        return max(during, self.sharded_state + self.root_gradients, self.build)
 
     def table(self) -> str:
         rows = [("parameters, gradients, AdamW state (sharded)", self.sharded_state),
-                ("weights gathered by FSDP (in flight)", self.gathered_weights),
-                ("activations saved for backward", self.activations), ("log-softmax over the vocabulary, its gradients", self.logits),
+                ("root unit's weights (gathered all step)", self.root_weights),
+                ("activations saved for backward", self.activations),
+                ("+ at the loss: log-softmax and its gradients", self.logits),
+                ("+ or then: 2 blocks gathered, one's gradient", self.block_weights),
                 ("or, at the end of backward: the root's gradients", self.root_gradients),
                 ("peak per rank", self.total)]
         return "\n".join(f"  {name:<48} {gib(value):>12}" for name, value in rows)
@@ -79,26 +92,58 @@ def gib(n: float) -> str:
     return f"{n / GiB:,.1f} GiB" if n >= GiB / 10 else f"{n / 2**20:,.1f} MiB"
 
 
-_SIZES: dict[str, tuple[int, int, int, int, int]] = {}
+_SHAPES: dict[str, list[tuple[str | None, bool, tuple[int, ...]]]] = {}
 
 
-def model_sizes(args: ModelArgs) -> tuple[int, int, int, int, int]:
-    """(all parameters, the largest block's dense parameters, its routed-expert parameters, all
-    routed-expert parameters, all decoder-block parameters), from a meta-device build, remembered
-    per config (plans ask many times). What is not in a block is FSDP's root unit."""
+def parameter_shapes(args: ModelArgs) -> list[tuple[str | None, bool, tuple[int, ...]]]:
+    """(its block, or None for the root unit; routed expert or not; shape) of every parameter,
+    from a meta-device build, remembered per config (plans ask many times)."""
     key = repr(args)
-    if key not in _SIZES:
+    if key not in _SHAPES:
         with torch.device("meta"):
             model = Transformer(args)
-        dense, experts = 0, 0
-        for block in model.layers.values():
-            d = sum(p.numel() for n, p in block.named_parameters() if ".experts." not in f".{n}")
-            e = sum(p.numel() for n, p in block.named_parameters() if ".experts." in f".{n}")
-            dense, experts = max(dense, d), max(experts, e)
-        routed = sum(p.numel() for n, p in model.named_parameters() if ".experts." in f".{n}")
-        blocks = sum(p.numel() for p in model.layers.parameters())
-        _SIZES[key] = (sum(p.numel() for p in model.parameters()), dense, experts, routed, blocks)
-    return _SIZES[key]
+        _SHAPES[key] = [(name.split(".")[1] if name.startswith("layers.") else None, ".experts." in f".{name}",
+                         tuple(p.shape)) for name, p in model.named_parameters()]
+    return _SHAPES[key]
+
+
+@dataclass(frozen=True)
+class FsdpSizes:
+    """Elements on rank 0 under FSDP2, which shards each parameter on one dim over its group and
+    pads that dim to a multiple of the group: a parameter of 1,024 rows over 32,768 ranks puts one
+    row on each of the first 1,024 ranks and a row of padding on every other, and is gathered as
+    32,768 rows. Rank 0 always holds a full chunk, so it is the rank that needs the most."""
+
+    shard: int  # rank 0's shards of every parameter
+    block: int  # the largest block gathered (its routed experts among their dp_shard / ep ranks)
+    root: int  # the root unit gathered (embeddings, output head, final norm, vision encoder)
+    received_blocks: int  # what gathering every block once brings rank 0 (gathered minus its own shards)
+    received_root: int  # what gathering the root brings it
+
+
+def fsdp_sizes(args: ModelArgs, dp_shard: int, ep: int) -> FsdpSizes:
+    """`FsdpSizes` for FSDP over dp_shard ranks, routed experts split over ep of them first (Shard
+    on the expert dim) and sharded over the dp_shard / ep that hold the same experts: on the expert
+    dim when there are at least as many local experts, else on the next (parallel/fsdp.py). Other
+    parameters are sharded on dim 0."""
+    shard = root = received_root = 0
+    blocks: dict[str, int] = {}
+    received_blocks = 0
+    for unit, expert, shape in parameter_shapes(args):
+        k, dim = dp_shard, 0
+        if expert:  # split over ep on the expert dim, then over the rest on it or, if fewer, the next
+            shape = (shape[0] // ep, *shape[1:])
+            k = dp_shard // ep
+            dim = 0 if shape[0] >= k or shape[1] % k else 1  # parallel.fsdp.experts_on_dim1
+        own = -(-shape[dim] // k) * (math.prod(shape) // shape[dim])  # ceil(rows / k) rows
+        shard += own
+        if unit is None:
+            root += own * k
+            received_root += own * (k - 1)
+        else:
+            blocks[unit] = blocks.get(unit, 0) + own * k
+            received_blocks += own * (k - 1)
+    return FsdpSizes(shard, max(blocks.values(), default=0), root, received_blocks, received_root)
 
 
 def activation_elements_per_token(args: ModelArgs) -> int:
@@ -110,20 +155,25 @@ def activation_elements_per_token(args: ModelArgs) -> int:
     dense = 2 * D + 3 * args.ffn_hidden  # norm, w1 and w3 outputs, SwiGLU product
     shared = 3 * args.expert_hidden if args.shared_expert else 0
     moe = 2 * D + args.n_experts + args.top_k * (D + 3 * args.expert_hidden) + shared
-    return sum(attention + (moe if args.is_moe_layer(i) else dense) for i in range(args.n_layers))
+    # RoPE layers' qk-norm keeps its input and output of q and k; NoPE layers' temperature
+    # tuning keeps q before scaling
+    qk_norm = 2 * (H + Hkv) * hd if args.use_qk_norm else 0
+    temperature = H * hd if args.attn_temperature_tuning else 0
+    return sum(attention + (temperature if args.is_nope_layer(i) else qk_norm)
+               + (moe if args.is_moe_layer(i) else dense) for i in range(args.n_layers))
 
 
 def estimate_memory(args: ModelArgs, layout: Layout, device_type: str = "cuda") -> MemoryEstimate:
     from .build import FULL_INIT_MAX_PARAMS
 
-    n_params, dense, experts, _, blocks = model_sizes(args)
-    sharded = 16 * n_params // layout.dp_shard
-    gathered = root_gradients = 0
+    n_params = sum(math.prod(shape) for _, _, shape in parameter_shapes(args))
+    sizes = fsdp_sizes(args, layout.dp_shard, layout.ep)
+    sharded = 16 * sizes.shard
+    root_weights = block_weights = root_gradients = 0
     if layout.world_size > 1:
-        block = dense + experts // layout.ep
-        root_unit = n_params - blocks  # everything outside the decoder blocks, vision encoder included
-        gathered = 2 * block * layout.param_bytes + 4 * block + root_unit * layout.param_bytes
-        root_gradients = root_unit * (layout.param_bytes + 4)
+        root_weights = sizes.root * layout.param_bytes
+        block_weights = sizes.block * (2 * layout.param_bytes + 4)
+        root_gradients = sizes.root * (layout.param_bytes + 4)
     tokens = layout.batch_size * layout.seq_len // layout.cp
     per_token = activation_elements_per_token(args)
     if layout.activation_checkpointing:
@@ -139,7 +189,7 @@ def estimate_memory(args: ModelArgs, layout: Layout, device_type: str = "cuda") 
     # freed once the loss has its fp32 copy).
     logits = tokens * args.vocab_size * 12
     build = 4 * n_params if device_type == "cpu" and n_params <= FULL_INIT_MAX_PARAMS else 0
-    return MemoryEstimate(sharded, gathered, activations, logits, build, n_params, root_gradients)
+    return MemoryEstimate(sharded, root_weights, block_weights, activations, logits, root_gradients, build, n_params)
 
 
 def device_memory(device_type: str) -> tuple[int, str]:
