@@ -17,9 +17,12 @@ def _train(overrides):
     return [(r["loss"], r["grad_norm"]) for r in train(compose(overrides))]
 
 
-def test_fsdp_two_ranks_equal_one_process(tmp_path):
-    single = _train(COMMON + ["train.batch_size=4", f"run.dir={tmp_path}/one"])
-    ranks = run_ranks(_train, 2, COMMON + ["train.batch_size=2", f"run.dir={tmp_path}/two"])
+# With one routed expert per MoE layer, fewer experts than ranks: FSDP shards the experts on
+# their second dim (parallel.fsdp.experts_on_dim1) instead of padding the expert dim.
+@pytest.mark.parametrize("extra", [[], ["model.n_experts=1"]], ids=["tiny", "experts-on-dim1"])
+def test_fsdp_two_ranks_equal_one_process(tmp_path, extra):
+    single = _train(COMMON + extra + ["train.batch_size=4", f"run.dir={tmp_path}/one"])
+    ranks = run_ranks(_train, 2, COMMON + extra + ["train.batch_size=2", f"run.dir={tmp_path}/two"])
     assert ranks[0] == ranks[1]  # every rank logs the same global numbers
     assert single[-1][0] < single[0][0] - 0.5  # it learns, so the comparison means something
     # fp32 on both sides; only the order of floating-point sums differs (reduce-scatter vs one
