@@ -74,6 +74,24 @@ def history(records) -> dict[int, dict]:
     return out
 
 
+def settled(pattern: str, steps: list[int], timeout: float = 20.0) -> dict[str, list]:
+    """{file: its records} of the .wandb files matching `pattern`, once their history holds
+    `steps` (or at the timeout). wandb's service process may still be writing the last records
+    when finish() returns: seen on a loaded machine, a file without its history yet."""
+    deadline = time.monotonic() + timeout
+    while True:
+        files = glob.glob(pattern)
+        try:
+            records = {f: read_wandb_file(f) for f in files}
+        except Exception:  # noqa: BLE001 - a record still being written; raised again at the deadline
+            if time.monotonic() > deadline:
+                raise
+            records = {}
+        if sorted(s for r in records.values() for s in history(r)) == steps or time.monotonic() > deadline:
+            return records
+        time.sleep(0.5)
+
+
 def test_offline_run_holds_the_metrics_config_and_heatmap(tmp_path):
     pytest.importorskip("wandb")
     wb = WandbLogger(WandbConfig(mode="offline"), str(tmp_path), CONFIG, is_main=True)
@@ -85,7 +103,8 @@ def test_offline_run_holds_the_metrics_config_and_heatmap(tmp_path):
     (run_dir,) = glob.glob(str(tmp_path / "wandb" / "offline-run-*"))
     run_id = (tmp_path / "wandb_id.txt").read_text().strip()
     assert run_dir.endswith(run_id)
-    records = read_wandb_file(os.path.join(run_dir, f"run-{run_id}.wandb"))
+    path = os.path.join(run_dir, f"run-{run_id}.wandb")
+    records = settled(path, [1, 2, 3])[path]
     (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
     assert run.run_id == run_id and run.project == "herd" and run.display_name == tmp_path.name
     config = {u.key: json.loads(u.value_json) for u in run.config.update}
@@ -116,21 +135,10 @@ def test_a_rerun_continues_the_same_wandb_run(tmp_path):
     assert second.run.id == run_id
     second.log(rows()[1], 2)
     second.finish()
-    # `wandb sync` of both directories uploads them, in order, as one run. wandb's service process
-    # may still be writing the last records when finish() returns (seen once on a loaded machine:
-    # the second file without its history yet), so the files get a few seconds to be complete.
-    deadline = time.monotonic() + 20
-    while True:
-        files = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / f"run-{run_id}.wandb"))
-        try:
-            steps = {f: sorted(history(read_wandb_file(f))) for f in files}
-        except Exception:  # noqa: BLE001 - a record still being written; raised again at the deadline
-            if time.monotonic() > deadline:
-                raise
-            steps = {}
-        if sorted(s for f in files for s in steps.get(f, [])) == [1, 2] or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
+    # `wandb sync` of both directories uploads them, in order, as one run.
+    records = settled(str(tmp_path / "wandb" / "offline-run-*" / f"run-{run_id}.wandb"), [1, 2])
+    steps = {f: sorted(history(r)) for f, r in records.items()}
+    files = list(records)
     assert len(files) == 2
     assert sorted(s for f in files for s in steps[f]) == [1, 2], steps
 
