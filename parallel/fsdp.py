@@ -69,7 +69,7 @@ def parallelize_model(
                 _shard_experts(moe, meshes, mp, device_type)
             else:
                 routed = {id(p) for p in moe.experts.parameters()}
-                on_dim1 = experts_on_dim1(moe.n_experts, dp_mesh.size())
+                on_dim1 = experts_on_dim1(moe.n_experts, dp_mesh.size(-1))  # the shard dim (HSDP: the last)
                 placement = lambda p, routed=routed: on_dim1(p) if id(p) in routed else None  # noqa: E731
         fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=True, shard_placement_fn=placement)
     # The root holds embeddings, final norm and output; it does not reshard after forward

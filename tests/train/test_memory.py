@@ -154,20 +154,22 @@ def test_a_traced_step_has_the_memory_of_a_real_one(checkpointing):
     assert traced["total"] == pytest.approx(real["total"] + traced["opt"], rel=0.02)
 
 
-@pytest.mark.parametrize("world,ep", [(16, 1), (256, 2)], ids=["16-ranks", "256-ranks-ep2"])
-def test_the_estimate_pads_as_fsdp_does(world, ep):
+@pytest.mark.parametrize("world,dp_shard,ep", [(16, 16, 1), (256, 256, 2), (32, 16, 1)],
+                         ids=["16-ranks", "256-ranks-ep2", "hsdp-16x2"])
+def test_the_estimate_pads_as_fsdp_does(world, dp_shard, ep):
     """FSDP2 pads a parameter's sharded dim to a multiple of the ranks: at 256 ranks the tiny
     model's k/v projections (64 rows) are gathered as 256 rows and its experts' second dim (192 of
     them over 128 ranks) as 256. Rank 0's shards and the FSDP bytes of a traced step (herd's real
     wrapping on fake ranks) against the estimate's: equal. With 8 experts over 16 ranks and no
-    ep, the experts are sharded on their second dim rather than padded to 16 experts."""
+    ep, the experts are sharded on their second dim rather than padded to 16 experts, also when
+    the 16 FSDP ranks are one of two HSDP replicas."""
     from train.cost import step_cost
     from train.memory import Layout, estimate_memory
     from train.trace import trace_step
 
     overrides = ["+model=tiny", "model.vision.enabled=false", f"parallel.ep={ep}"]
     args = _args(overrides)
-    layout = Layout(world, world, ep=ep, seq_len=64, batch_size=1, param_bytes=4, activation_bytes=4)
+    layout = Layout(world, dp_shard, ep=ep, seq_len=64, batch_size=1, param_bytes=4, activation_bytes=4)
     trace = trace_step(args, layout, compose(overrides).parallel)
     assert trace.sharded_state == estimate_memory(args, layout, "cpu").sharded_state
     predicted = step_cost(args, layout, "h100").bytes
@@ -176,7 +178,7 @@ def test_the_estimate_pads_as_fsdp_does(world, ep):
     from model import Transformer
 
     with torch.device("meta"):
-        evenly = sum(p.numel() for p in Transformer(args).parameters()) * 4 / world
+        evenly = sum(p.numel() for p in Transformer(args).parameters()) * 4 / dp_shard
     assert trace.param_bytes > 1.1 * evenly if world == 256 else trace.param_bytes < 1.01 * evenly
 
 
